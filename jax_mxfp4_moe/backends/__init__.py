@@ -1,0 +1,1 @@
+"""Platform backends: each exposes available(), supports(...) and moe(...)."""
