@@ -1,0 +1,150 @@
+"""MoE expert GEMMs over sorted rows, MXFP4 weights upcast in-kernel.
+
+Both kernels walk BM-row blocks of the sort contract (DESIGN §3): program
+(n, m[, k]) handles rows [m*BM, (m+1)*BM) of the sorted order, whose expert is
+sorted_expert_ids[m]; blocks at or past num_valid[0] return at once.
+Weights are MXFP4 [E, N, K/2] (element 2i in the low nibble) with E8M0 scales
+[E, N, K/32]; tl.dot_scaled upcasts them to bf16 for the tensor cores.
+
+Activation formats (A_FMT / OUT_FMT): 0 = bf16, 1 = MXFP4, 2 = MXFP8. The MX
+modes quantise with the formats rule and keep the exact dequantised values in
+bf16 (Hopper has no fp4 tensor-core op, so the dot runs on bf16 either way).
+
+SWAP computes the transposed product W @ A^T, so the weight rows fill the
+tensor core's M dimension (>= 64) while the token block BM can be 16: the
+decode regime.
+"""
+
+import triton
+import triton.language as tl
+
+from .mx import mx_fake_quant
+
+
+@triton.jit
+def _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM: tl.constexpr):
+    m = tl.program_id(1)
+    rows = m * BM + tl.arange(0, BM)
+    packed = tl.load(sid_ptr + rows)
+    tok = packed & 0xFFFFFF
+    slot = packed >> 24
+    expert = tl.load(sexp_ptr + m)
+    return rows, tok, slot, tok < T, expert
+
+
+@triton.jit
+def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
+    """acc += a @ upcast(w, ws)^T, or its transpose when SWAP."""
+    if SWAP:
+        # Passing acc here trips a shape check in triton 3.9 (it swaps the
+        # operands of an e2m1-lhs dot internally): add the product instead.
+        acc = acc + tl.dot_scaled(w, ws, "e2m1", tl.trans(a), None, "bf16")
+    else:
+        acc = tl.dot_scaled(a, None, "bf16", tl.trans(w), ws, "e2m1", acc)
+    return acc
+
+
+@triton.jit
+def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo, k_hi, K,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               A_FMT: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr):
+    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN] (or [BN, BM])."""
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
+    KP = K // 2
+    KS = K // 32
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :],
+                    mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+        if A_FMT == 0:
+            a = a.to(tl.bfloat16)
+        else:
+            a = mx_fake_quant(a.to(tl.float32), BM, BK, A_FMT == 2).to(tl.bfloat16)
+        kp = k0 // 2 + tl.arange(0, BK // 2)
+        w = tl.load(w_ptr + w_row[:, None] * KP + kp[None, :],
+                    mask=w_row_ok[:, None] & (kp < k_hi // 2)[None, :], other=0)
+        ks = k0 // 32 + tl.arange(0, BK // 32)
+        ws = tl.load(ws_ptr + w_row[:, None] * KS + ks[None, :],
+                     mask=w_row_ok[:, None] & (ks < k_hi // 32)[None, :], other=0)
+        acc = _mx_dot(acc, a, w, ws, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
+def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
+              T, H, I, swiglu_alpha, swiglu_limit,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
+              INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SWAP: tl.constexpr, STAGES: tl.constexpr):
+    """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for BN columns n
+    of the intermediate; ACT 0 = silu, 1 = swiglu_oai. out is [P, I] bf16."""
+    if tl.program_id(1) * BM >= tl.load(nv_ptr):
+        return
+    rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
+    e = expert.to(tl.int64)
+    # Accumulator column j holds gate (j even) or up (j odd) of n = n0 + j // 2.
+    j = tl.arange(0, 2 * BN)
+    n = tl.program_id(0) * BN + j // 2
+    up = j % 2
+    if INTERLEAVED:
+        w_row = 2 * n + up
+    else:
+        w_row = n + up * I
+    w_row_ok = n < I
+    acc = _gemm_loop(x_ptr, tok * H, row_ok,
+                     w_ptr + e * (2 * I) * (H // 2), ws_ptr + e * (2 * I) * (H // 32),
+                     w_row, w_row_ok, 0, H, H, BM, 2 * BN, BK, A_FMT, SWAP, STAGES)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * (2 * I) + w_row, mask=w_row_ok, other=0.0)[None, :]
+    g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    if ACT == 0:
+        h = g / (1.0 + tl.exp(-g)) * u
+    else:
+        # where() rather than min/clamp so that NaN propagates.
+        g = tl.where(g > swiglu_limit, swiglu_limit, g)
+        u = tl.where(u > swiglu_limit, swiglu_limit, u)
+        u = tl.where(u < -swiglu_limit, -swiglu_limit, u)
+        h = g / (1.0 + tl.exp(-swiglu_alpha * g)) * (u + 1.0)
+    if OUT_FMT != 0:
+        h = mx_fake_quant(h, BM, BN, OUT_FMT == 2)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    tl.store(out_ptr + rows[:, None] * I + cols[None, :], h.to(tl.bfloat16),
+             mask=row_ok[:, None] & (cols < I)[None, :])
+
+
+@triton.jit
+def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr, y_ptr,
+              T, H, I, TOPK,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr):
+    """sorted_weight(r) * (inter[r] @ W2[e, n]^T + b2[e, n]) for BN columns n of
+    H, added into y [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1)
+    stored into y [T, TOPK, H] f32 at (token, slot)."""
+    if tl.program_id(1) * BM >= tl.load(nv_ptr):
+        return
+    rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
+    e = expert.to(tl.int64)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_ok = cols < H
+    k_len = tl.cdiv(tl.cdiv(I, BK), SPLIT_K) * BK
+    k_lo = tl.program_id(2) * k_len
+    k_hi = tl.minimum(k_lo + k_len, I)
+    acc = _gemm_loop(inter_ptr, rows * I, row_ok,
+                     w_ptr + e * H * (I // 2), ws_ptr + e * H * (I // 32),
+                     cols, col_ok, k_lo, k_hi, I, BM, BN, BK, 0, SWAP, STAGES)
+    if HAS_BIAS:
+        if tl.program_id(2) == 0:
+            acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
+    acc *= tl.load(sw_ptr + rows)[:, None]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if DETERMINISTIC:
+        tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
+    else:
+        tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc, mask=ok, sem="relaxed")
