@@ -1,0 +1,222 @@
+"""Compile FlyDSL kernels for an AMD arch on any machine, into code objects.
+
+FlyDSL compiles ahead of time without a GPU (``COMPILE_ONLY=1``, ``ARCH``);
+the code object (hsaco) is the ``gpu.binary`` op of the final module.  Its
+kernel argument layout and resource usage come from the object's own
+metadata note (``rocm_elf``); its ISA from FlyDSL's assembly dump.  Results
+are cached on disk by ``codecache.cached_compile`` keyed on the kernel
+sources' hash, the builder's parameters, the arch and the flydsl version, so
+a process with a warm cache never imports flydsl (nor torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import rocm_elf
+
+_PKG = Path(__file__).resolve().parent.parent
+# Kernel sources: installed as jax_mxfp4_moe/kernels/flydsl, in a checkout at kernels/flydsl.
+_KERNEL_DIRS = (_PKG / "kernels" / "flydsl", _PKG.parent / "kernels" / "flydsl")
+KERNEL_PACKAGE = "jax_mxfp4_moe.kernels.flydsl"
+# Plain-Python index math the kernels share with the host model.
+_SHARED_SOURCES = (Path(__file__).resolve().parent / "rocm_index.py",)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeObject:
+    """One compiled kernel: code object bytes and what a launcher needs."""
+
+    name: str
+    data: bytes
+    block: tuple
+    params: tuple
+    metadata: dict  # the kernel's AMDGPU metadata map (from the ELF note)
+    isa: str
+
+    @property
+    def kernarg(self):
+        return rocm_elf.kernarg_offsets(self.metadata)
+
+
+def kernel_dir() -> Path:
+    for d in _KERNEL_DIRS:
+        if (d / "common.py").is_file():
+            return d
+    raise FileNotFoundError(f"FlyDSL kernel sources not found in {[str(d) for d in _KERNEL_DIRS]}")
+
+
+def kernel_module(name: str):
+    """Import ``jax_mxfp4_moe.kernels.flydsl.<name>`` (installed or from a checkout)."""
+    try:
+        return importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
+    except ModuleNotFoundError:
+        pass
+    # Source checkout: the top-level kernels/ folder becomes jax_mxfp4_moe.kernels.
+    d = kernel_dir()
+    for pkg, path in (("jax_mxfp4_moe.kernels", d.parent), (KERNEL_PACKAGE, d)):
+        if pkg not in sys.modules:
+            spec = importlib.util.spec_from_file_location(
+                pkg, path / "__init__.py", submodule_search_locations=[str(path)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[pkg] = mod
+            spec.loader.exec_module(mod)
+    return importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
+
+
+@functools.lru_cache(maxsize=None)
+def sources_hash() -> str:
+    h = hashlib.sha256()
+    files = sorted(kernel_dir().glob("*.py")) + list(_SHARED_SOURCES)
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _rocm_path() -> str:
+    try:
+        from .. import toolchain
+
+        return toolchain.rocm_path()
+    except (ImportError, AttributeError):
+        return str(_PKG.parent / ".rocm")
+
+
+@contextlib.contextmanager
+def _flydsl_env(arch: str, dump_dir: str):
+    env = {
+        "ARCH": arch,
+        "FLYDSL_GPU_ARCH": arch,
+        "COMPILE_ONLY": "1",
+        "FLYDSL_DEBUG_DUMP_ASM": "1",
+        "FLYDSL_DUMP_DIR": dump_dir,
+    }
+    if not os.environ.get("ROCM_PATH"):
+        env["ROCM_PATH"] = _rocm_path()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _binary_from_module_text(text: str):
+    """(code object bytes, kernel names) of the final module's gpu.binary."""
+    from flydsl._mlir import ir
+    from flydsl._mlir.dialects import gpu
+    from flydsl.compiler.jit_function import _create_mlir_context
+
+    with _create_mlir_context():
+        module = ir.Module.parse(text)
+        for op in module.body.operations:
+            if op.operation.name == "gpu.binary":
+                objects = op.attributes["objects"]
+                if len(objects) != 1:
+                    raise RuntimeError(f"expected one gpu.object, got {len(objects)}")
+                obj = gpu.ObjectAttr(objects[0])
+                return bytes(obj.object), str(obj.kernels)
+    raise RuntimeError("compiled module has no gpu.binary op")
+
+
+def _flydsl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flydsl")
+    except PackageNotFoundError:
+        return "absent"
+
+
+def _placeholder(kind: str):
+    import flydsl.expr as fx
+
+    return {"ptr": fx.Int64(0), "i64": fx.Int64(0), "i32": fx.Int32(0)}[kind]
+
+
+def _build(module_name: str, arch: str, config: dict):
+    """Compile in this process: (code object bytes, metadata dict)."""
+    import flydsl.compiler as flyc
+
+    kb = kernel_module(module_name).build(**config)
+    with tempfile.TemporaryDirectory() as dump, _flydsl_env(arch, dump):
+        flyc.compile(kb.launcher, *[_placeholder(k) for k in kb.params])
+        _, artifact = kb.launcher._last_compiled
+        isa_files = sorted(Path(dump).rglob("*.s"))
+        isa = "\n".join(f.read_text() for f in isa_files)
+    data, _ = _binary_from_module_text(artifact._ir_text)
+    kernels = rocm_elf.kernel_metadata(data)
+    if kb.name not in kernels:
+        raise RuntimeError(f"code object lacks kernel {kb.name!r}; has {sorted(kernels)}")
+    return data, {"name": kb.name, "block": list(kb.block), "params": list(kb.params), "isa": isa}
+
+
+def _cached_compile(key_parts: dict, build):
+    try:
+        from .. import codecache
+    except ImportError:
+        codecache = None
+    if codecache is not None:
+        digest, meta = codecache.cached_compile(key_parts, build)
+        return codecache_bytes(digest), meta
+    # No shared cache module: keep results for this process only.
+    return _local_cache(repr(sorted(key_parts.items())), build)
+
+
+_LOCAL: dict = {}
+
+
+def _local_cache(key, build):
+    if key not in _LOCAL:
+        _LOCAL[key] = build()
+    return _LOCAL[key]
+
+
+def codecache_bytes(digest: str) -> bytes:
+    from .. import codecache
+
+    for attr in ("load_code_object", "load", "read_code_object"):
+        fn = getattr(codecache, attr, None)
+        if fn is not None:
+            return fn(digest)
+    return (Path(codecache.cache_dir()) / digest).read_bytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_cached(module_name: str, arch: str, config_items: tuple) -> CodeObject:
+    config = dict(config_items)
+    key = {
+        "backend": "flydsl",
+        "kernel": module_name,
+        "config": repr(config_items),
+        "arch": arch,
+        "sources": sources_hash(),
+        "flydsl": _flydsl_version(),
+    }
+    data, meta = _cached_compile(key, lambda: _build(module_name, arch, config))
+    md = rocm_elf.kernel_metadata(data)[meta["name"]]
+    return CodeObject(meta["name"], data, tuple(meta["block"]), tuple(meta["params"]), md, meta["isa"])
+
+
+def compile_kernel(module_name: str, *, arch: str = "gfx950", **config) -> CodeObject:
+    """Compile (or fetch from the cache) kernel ``module_name`` built with ``config``."""
+    return _compile_cached(module_name, arch, tuple(sorted(config.items())))
+
+
+def grid(module_name: str, config: dict, *args):
+    """The launch grid of a kernel variant (the builder's own grid function)."""
+    return kernel_module(module_name).grid_for(config, *args)
