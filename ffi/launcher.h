@@ -1,0 +1,232 @@
+// The launch handler, one body for both vendors (V = CudaVendor or
+// HipVendor, vendor.h).
+//
+// Initialize stage: resolve the code object by hash, load it once per
+// (device, hash), look the kernel up, and cache the function. Execute stage:
+// look the function up (shared lock), pack the kernargs, memset the
+// requested results, launch on XLA's stream. Execute does no loading and no
+// synchronisation, so XLA may capture it into a command buffer (CUDA graph).
+// XLA runs the initialize stage before every execution, so its cached path
+// is one shared-lock lookup.
+#ifndef JAX_MXFP4_MOE_FFI_LAUNCHER_H_
+#define JAX_MXFP4_MOE_FFI_LAUNCHER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+#include "code_store.h"
+#include "kernargs.h"
+#include "launch_description.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mxfp4_moe {
+
+// Most buffers (operands + results) one launch may pass.
+inline constexpr size_t kMaxBuffers = 256;
+
+template <typename V>
+class ModuleCache {
+ public:
+  struct Function {
+    void* handle;
+    int64_t shared_limit;  // dynamic shared memory the function may use
+  };
+
+  static ModuleCache& Get() {
+    static auto* cache = new ModuleCache();  // never destroyed: used at exit
+    return *cache;
+  }
+
+  // Copies the cached function into `out`; false if there is none.
+  bool Find(uintptr_t device, std::string_view hash, std::string_view kernel,
+            Function* out) {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    auto it = functions_.find(std::make_tuple(device, hash, kernel));
+    if (it == functions_.end()) return false;
+    *out = it->second;
+    return true;
+  }
+
+  // Loads what is missing so that `kernel` of `hash` runs on `device` with
+  // `shared_mem` dynamic bytes; empty string on success, else the reason.
+  std::string Ensure(const typename V::Api* api, uintptr_t device,
+                     std::string_view hash, std::string_view kernel,
+                     int64_t shared_mem, xla::ffi::ErrorCode* code) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    auto fit = functions_.find(std::make_tuple(device, hash, kernel));
+    if (fit != functions_.end() && fit->second.shared_limit >= shared_mem) {
+      return {};
+    }
+    typename V::ScopedDevice scoped(api, device);
+    if (fit == functions_.end()) {
+      auto mit = modules_.find(std::make_tuple(device, hash));
+      if (mit == modules_.end()) {
+        std::string error;
+        std::shared_ptr<const std::string> bytes = FindCodeObject(hash, &error);
+        if (!bytes) {
+          *code = xla::ffi::ErrorCode::kNotFound;
+          return error;
+        }
+        void* module = nullptr;
+        if (int s = api->ModuleLoadData(&module, bytes->data())) {
+          *code = xla::ffi::ErrorCode::kInternal;
+          return "loading the code object failed: " + V::ErrorString(api, s);
+        }
+        mit = modules_.emplace(std::make_tuple(device, std::string(hash)),
+                               module).first;
+      }
+      void* function = nullptr;
+      std::string name(kernel);
+      if (int s = api->ModuleGetFunction(&function, mit->second,
+                                         name.c_str())) {
+        *code = xla::ffi::ErrorCode::kNotFound;
+        return "the code object has no kernel of that name: " +
+               V::ErrorString(api, s);
+      }
+      fit = functions_.emplace(
+          std::make_tuple(device, std::string(hash), name),
+          Function{function, 0}).first;
+    }
+    if (int s = V::SetSharedMemory(api, fit->second.handle, shared_mem)) {
+      *code = xla::ffi::ErrorCode::kInvalidArgument;
+      return "setting " + std::to_string(shared_mem) +
+             " bytes of dynamic shared memory failed: " +
+             V::ErrorString(api, s);
+    }
+    fit->second.shared_limit = shared_mem;
+    return {};
+  }
+
+ private:
+  std::shared_mutex mu_;
+  // Loaded modules are never unloaded: functions handed out stay valid.
+  std::map<std::tuple<uintptr_t, std::string>, void*, std::less<>> modules_;
+  std::map<std::tuple<uintptr_t, std::string, std::string>, Function,
+           std::less<>>
+      functions_;
+};
+
+template <typename V>
+xla::ffi::Error InitializeLaunch(void* stream, const LaunchDescription& d,
+                                 size_t num_args, size_t num_rets) {
+  using xla::ffi::ErrorCode;
+  if (std::string why = ValidateDescription(d, num_args, num_rets);
+      !why.empty()) {
+    return LaunchError(d, ErrorCode::kInvalidArgument, why);
+  }
+  std::string error;
+  const typename V::Api* api = V::Load(&error);
+  if (api == nullptr) return LaunchError(d, ErrorCode::kUnavailable, error);
+  uintptr_t device = 0;
+  if (int s = V::DeviceKey(api, stream, &device)) {
+    return LaunchError(d, ErrorCode::kInternal,
+                       "finding the stream's device failed: " +
+                           V::ErrorString(api, s));
+  }
+  ModuleCache<V>& cache = ModuleCache<V>::Get();
+  typename ModuleCache<V>::Function f;
+  if (cache.Find(device, d.code_hash, d.kernel, &f) &&
+      f.shared_limit >= d.shared_mem) {
+    return xla::ffi::Error::Success();
+  }
+  ErrorCode code = ErrorCode::kInternal;
+  error = cache.Ensure(api, device, d.code_hash, d.kernel, d.shared_mem, &code);
+  if (!error.empty()) return LaunchError(d, code, error);
+  return xla::ffi::Error::Success();
+}
+
+template <typename V>
+xla::ffi::Error ExecuteLaunch(void* stream, const LaunchDescription& d,
+                              xla::ffi::RemainingArgs args,
+                              xla::ffi::RemainingRets rets) {
+  using xla::ffi::ErrorCode;
+  if (std::string why = ValidateDescription(d, args.size(), rets.size());
+      !why.empty()) {
+    return LaunchError(d, ErrorCode::kInvalidArgument, why);
+  }
+  std::string error;
+  const typename V::Api* api = V::Load(&error);
+  if (api == nullptr) return LaunchError(d, ErrorCode::kUnavailable, error);
+  uintptr_t device = 0;
+  if (int s = V::DeviceKey(api, stream, &device)) {
+    return LaunchError(d, ErrorCode::kInternal,
+                       "finding the stream's device failed: " +
+                           V::ErrorString(api, s));
+  }
+  typename ModuleCache<V>::Function f;
+  if (!ModuleCache<V>::Get().Find(device, d.code_hash, d.kernel, &f) ||
+      f.shared_limit < d.shared_mem) {
+    return LaunchError(d, ErrorCode::kFailedPrecondition,
+                       "not loaded for this device (the initialize stage "
+                       "did not run or failed)");
+  }
+
+  size_t num_buffers = args.size() + rets.size();
+  if (num_buffers > kMaxBuffers) {
+    return LaunchError(d, ErrorCode::kInvalidArgument,
+                       std::to_string(num_buffers) + " buffers exceed " +
+                           std::to_string(kMaxBuffers));
+  }
+  uint64_t addresses[kMaxBuffers];
+  void* results[kMaxBuffers];
+  size_t result_bytes[kMaxBuffers];
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto buffer = args.get<xla::ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) {
+      return LaunchError(d, ErrorCode::kInvalidArgument,
+                         "operand " + std::to_string(i) + " is not a buffer");
+    }
+    addresses[i] = reinterpret_cast<uint64_t>(buffer->untyped_data());
+  }
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto buffer = rets.get<xla::ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) {
+      return LaunchError(d, ErrorCode::kInvalidArgument,
+                         "result " + std::to_string(i) + " is not a buffer");
+    }
+    results[i] = (*buffer)->untyped_data();
+    result_bytes[i] = (*buffer)->size_bytes();
+    addresses[args.size() + i] = reinterpret_cast<uint64_t>(results[i]);
+  }
+
+  alignas(16) uint8_t kernargs[kMaxKernargSize];
+  error = PackKernargs(d.arg_kinds.begin(), d.arg_values.begin(),
+                       d.arg_offsets.begin(), d.arg_kinds.size(),
+                       d.kernarg_size, addresses, num_buffers, kernargs);
+  if (!error.empty()) {
+    return LaunchError(d, ErrorCode::kInvalidArgument, error);
+  }
+
+  for (int64_t r : d.zero_outputs) {
+    if (result_bytes[r] == 0) continue;
+    if (int s = V::MemsetZero(api, results[r], result_bytes[r], stream)) {
+      return LaunchError(d, ErrorCode::kInternal,
+                         "zeroing result " + std::to_string(r) +
+                             " failed: " + V::ErrorString(api, s));
+    }
+  }
+
+  const uint32_t grid[3] = {static_cast<uint32_t>(d.grid[0]),
+                            static_cast<uint32_t>(d.grid[1]),
+                            static_cast<uint32_t>(d.grid[2])};
+  const uint32_t block[3] = {static_cast<uint32_t>(d.block[0]),
+                             static_cast<uint32_t>(d.block[1]),
+                             static_cast<uint32_t>(d.block[2])};
+  if (int s = V::Launch(api, f.handle, grid, block,
+                        static_cast<uint32_t>(d.shared_mem), stream, kernargs,
+                        static_cast<size_t>(d.kernarg_size))) {
+    return LaunchError(d, ErrorCode::kInternal,
+                       "launch failed: " + V::ErrorString(api, s));
+  }
+  return xla::ffi::Error::Success();
+}
+
+}  // namespace jax_mxfp4_moe
+
+#endif  // JAX_MXFP4_MOE_FFI_LAUNCHER_H_
