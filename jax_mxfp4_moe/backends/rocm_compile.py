@@ -17,6 +17,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import io
 import os
 import sys
 import tempfile
@@ -34,18 +35,28 @@ _SHARED_SOURCES = (Path(__file__).resolve().parent / "rocm_index.py",)
 
 @dataclasses.dataclass(frozen=True)
 class CodeObject:
-    """One compiled kernel: code object bytes and what a launcher needs."""
+    """One compiled kernel: its code object's hash and what a launcher needs."""
 
     name: str
-    data: bytes
+    code_hash: str
     block: tuple
     params: tuple
     metadata: dict  # the kernel's AMDGPU metadata map (from the ELF note)
     isa: str
 
+    def data(self) -> bytes:
+        """The code object bytes (from the on-disk cache)."""
+        from .. import codecache
+
+        return codecache.load_code_object(self.code_hash)
+
     @property
     def kernarg(self):
         return rocm_elf.kernarg_offsets(self.metadata)
+
+    @property
+    def lds_bytes(self) -> int:
+        return int(self.metadata[".group_segment_fixed_size"])
 
 
 def kernel_dir() -> Path:
@@ -133,13 +144,18 @@ def _binary_from_module_text(text: str):
     raise RuntimeError("compiled module has no gpu.binary op")
 
 
+# The flydsl release the shipped kernels are written for (pyproject's [rocm]
+# extra); a process without flydsl looks its kernels up under this version.
+FLYDSL_VERSION = "0.5.0"
+
+
 def _flydsl_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("flydsl")
     except PackageNotFoundError:
-        return "absent"
+        return FLYDSL_VERSION
 
 
 def _placeholder(kind: str):
@@ -149,55 +165,28 @@ def _placeholder(kind: str):
 
 
 def _build(module_name: str, arch: str, config: dict):
-    """Compile in this process: (code object bytes, metadata dict)."""
+    """Compile in this process: (code object bytes, JSON metadata)."""
     import flydsl.compiler as flyc
 
     kb = kernel_module(module_name).build(**config)
-    with tempfile.TemporaryDirectory() as dump, _flydsl_env(arch, dump):
+    with tempfile.TemporaryDirectory() as dump, _flydsl_env(arch, dump), \
+            contextlib.redirect_stdout(io.StringIO()):  # FlyDSL prints each dump's path
         flyc.compile(kb.launcher, *[_placeholder(k) for k in kb.params])
         _, artifact = kb.launcher._last_compiled
-        isa_files = sorted(Path(dump).rglob("*.s"))
-        isa = "\n".join(f.read_text() for f in isa_files)
+        isa = "\n".join(f.read_text() for f in sorted(Path(dump).rglob("*.s")))
     data, _ = _binary_from_module_text(artifact._ir_text)
     kernels = rocm_elf.kernel_metadata(data)
     if kb.name not in kernels:
         raise RuntimeError(f"code object lacks kernel {kb.name!r}; has {sorted(kernels)}")
-    return data, {"name": kb.name, "block": list(kb.block), "params": list(kb.params), "isa": isa}
-
-
-def _cached_compile(key_parts: dict, build):
-    try:
-        from .. import codecache
-    except ImportError:
-        codecache = None
-    if codecache is not None:
-        digest, meta = codecache.cached_compile(key_parts, build)
-        return codecache_bytes(digest), meta
-    # No shared cache module: keep results for this process only.
-    return _local_cache(repr(sorted(key_parts.items())), build)
-
-
-_LOCAL: dict = {}
-
-
-def _local_cache(key, build):
-    if key not in _LOCAL:
-        _LOCAL[key] = build()
-    return _LOCAL[key]
-
-
-def codecache_bytes(digest: str) -> bytes:
-    from .. import codecache
-
-    for attr in ("load_code_object", "load", "read_code_object"):
-        fn = getattr(codecache, attr, None)
-        if fn is not None:
-            return fn(digest)
-    return (Path(codecache.cache_dir()) / digest).read_bytes()
+    meta = {"name": kb.name, "block": list(kb.block), "params": list(kb.params),
+            "elf": kernels[kb.name], "isa": isa, "arch": arch}
+    return data, meta
 
 
 @functools.lru_cache(maxsize=None)
 def _compile_cached(module_name: str, arch: str, config_items: tuple) -> CodeObject:
+    from .. import codecache
+
     config = dict(config_items)
     key = {
         "backend": "flydsl",
@@ -207,9 +196,9 @@ def _compile_cached(module_name: str, arch: str, config_items: tuple) -> CodeObj
         "sources": sources_hash(),
         "flydsl": _flydsl_version(),
     }
-    data, meta = _cached_compile(key, lambda: _build(module_name, arch, config))
-    md = rocm_elf.kernel_metadata(data)[meta["name"]]
-    return CodeObject(meta["name"], data, tuple(meta["block"]), tuple(meta["params"]), md, meta["isa"])
+    code_hash, meta = codecache.cached_compile(key, lambda: _build(module_name, arch, config))
+    return CodeObject(meta["name"], code_hash, tuple(meta["block"]), tuple(meta["params"]),
+                      meta["elf"], meta["isa"])
 
 
 def compile_kernel(module_name: str, *, arch: str = "gfx950", **config) -> CodeObject:
@@ -217,6 +206,3 @@ def compile_kernel(module_name: str, *, arch: str = "gfx950", **config) -> CodeO
     return _compile_cached(module_name, arch, tuple(sorted(config.items())))
 
 
-def grid(module_name: str, config: dict, *args):
-    """The launch grid of a kernel variant (the builder's own grid function)."""
-    return kernel_module(module_name).grid_for(config, *args)

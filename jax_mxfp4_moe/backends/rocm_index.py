@@ -143,3 +143,28 @@ def gemm2_pair(tid, it):
     """(row in tile, first column in tile) of pair ``it`` of thread ``tid``."""
     p = it * G2_THREADS + tid
     return p // (BN // 2), (p % (BN // 2)) * 2
+
+
+# ------------------------------------------------------------------- grids
+# Block sizes and launch grids (the FFI launcher computes grids from these;
+# the kernels declare the same block sizes).
+SORT_BLOCK = WAVE  # one wave
+QUANT_BLOCK = 256  # one thread per MX block
+GEMM_BLOCK = WAVES * WAVE
+
+
+def sort_grid():
+    return (1, 1, 1)
+
+
+def quant_grid(rows, cols):
+    blocks = rows * (cols // MX_BLOCK)
+    return (max(1, (blocks + QUANT_BLOCK - 1) // QUANT_BLOCK), 1, 1)
+
+
+def gemm1_grid(num_sorted_blocks, intermediate_padded):
+    return (num_sorted_blocks, intermediate_padded // BN, 1)
+
+
+def gemm2_grid(num_sorted_blocks, hidden_padded):
+    return (num_sorted_blocks, hidden_padded // BN, 1)

@@ -165,12 +165,11 @@ class KernelBuild:
 
     ``params`` are FFI kernarg kinds in order ("ptr" = raw i64 address,
     "i32"); ``launcher`` is the ``@flyc.jit`` host function taking exactly
-    those arguments (its own grid is irrelevant: the FFI launcher computes
-    grids with the builder's ``grid`` function)."""
+    those arguments.  Its own grid is a placeholder: the FFI launcher uses
+    the grids of ``rocm_index``."""
 
-    def __init__(self, name, block, params, launcher, grid):
+    def __init__(self, name, block, params, launcher):
         self.name = name
         self.block = tuple(block)
         self.params = tuple(params)
         self.launcher = launcher
-        self.grid = grid

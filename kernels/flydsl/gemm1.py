@@ -24,7 +24,7 @@ from . import common as c
 from . import mfma
 from .mx import MX_BLOCK, quantize_block
 
-BLOCK = ix.WAVES * ix.WAVE
+BLOCK = ix.GEMM_BLOCK
 ACTIVATIONS = ("silu", "swiglu_oai")
 A_FORMATS = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
 GATE_UP = ("separated", "interleaved")
@@ -35,10 +35,6 @@ def kernel_name(*, hidden, intermediate, num_experts, quant, activation, gate_up
     gu = {"separated": "sep", "interleaved": "il"}[gate_up]
     return (f"moe_gemm1_{quant}_{activation}_{gu}_h{hidden}_i{intermediate}_e{num_experts}_bm{ix.BM}"
             + ("_bias" if has_bias else "") + ("_nt" if nt else ""))
-
-
-def grid(num_sorted_blocks, intermediate_padded):
-    return (num_sorted_blocks, intermediate_padded // ix.BN, 1)
 
 
 def _sigmoid_times(x, scale):
@@ -189,4 +185,4 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
         )
 
     params = ("ptr",) * 10 + ("i32",)
-    return c.KernelBuild(name, (BLOCK, 1, 1), params, launch, lambda nblocks: grid(nblocks, Ip))
+    return c.KernelBuild(name, (BLOCK, 1, 1), params, launch)

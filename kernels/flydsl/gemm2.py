@@ -20,7 +20,7 @@ from . import common as c
 from . import mfma
 from .mx import MX_BLOCK
 
-BLOCK = ix.WAVES * ix.WAVE
+BLOCK = ix.GEMM_BLOCK
 A_FORMATS = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
 TILES_PER_WAVE = ix.WAVE_N // ix.MFMA_N  # 2
 
@@ -28,10 +28,6 @@ TILES_PER_WAVE = ix.WAVE_N // ix.MFMA_N  # 2
 def kernel_name(*, hidden, intermediate, num_experts, quant, has_bias, nt):
     return (f"moe_gemm2_{quant}_h{hidden}_i{intermediate}_e{num_experts}_bm{ix.BM}"
             + ("_bias" if has_bias else "") + ("_nt" if nt else ""))
-
-
-def grid(num_sorted_blocks, hidden_padded):
-    return (num_sorted_blocks, hidden_padded // ix.BN, 1)
 
 
 def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
@@ -149,4 +145,4 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
         ).launch(grid=(1, 1, 1), block=(BLOCK, 1, 1), stream=stream)
 
     params = ("ptr",) * 10 + ("i32",)
-    return c.KernelBuild(name, (BLOCK, 1, 1), params, launch, lambda nblocks: grid(nblocks, Hp))
+    return c.KernelBuild(name, (BLOCK, 1, 1), params, launch)

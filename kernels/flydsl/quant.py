@@ -10,21 +10,18 @@ import flydsl.compiler as flyc
 import flydsl.expr as fx
 from flydsl.expr import gpu
 
+from jax_mxfp4_moe.backends import rocm_index as ix
+
 from . import common as c
 from .mx import MX_BLOCK, quantize_block
 
-BLOCK = 256
+BLOCK = ix.QUANT_BLOCK
 IN_DTYPES = {"bf16": 2, "f32": 4}
 FORMATS = {"mxfp4": 16, "mxfp8": 32}  # bytes per quantised block
 
 
 def kernel_name(*, cols, fmt, in_dtype):
     return f"moe_quant_{in_dtype}_{fmt}_k{cols}"
-
-
-def grid(rows, cols):
-    blocks = rows * (cols // MX_BLOCK)
-    return ((blocks + BLOCK - 1) // BLOCK, 1, 1)
 
 
 def build(*, cols, fmt, in_dtype):
@@ -65,4 +62,4 @@ def build(*, cols, fmt, in_dtype):
     def launch(x: fx.Int64, q: fx.Int64, scale: fx.Int64, rows: fx.Int32, stream: fx.Stream = fx.Stream(None)):
         quant_kernel(x, q, scale, rows).launch(grid=(1, 1, 1), block=(BLOCK, 1, 1), stream=stream)
 
-    return c.KernelBuild(name, (BLOCK, 1, 1), ("ptr", "ptr", "ptr", "i32"), launch, lambda rows: grid(rows, cols))
+    return c.KernelBuild(name, (BLOCK, 1, 1), ("ptr", "ptr", "ptr", "i32"), launch)

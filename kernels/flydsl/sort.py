@@ -22,19 +22,17 @@ import flydsl.compiler as flyc
 import flydsl.expr as fx
 from flydsl.expr import gpu
 
+from jax_mxfp4_moe.backends import rocm_index as ix
+
 from . import common as c
 
-BLOCK = c.WAVE
+BLOCK = ix.SORT_BLOCK
 BLOCK_SIZES = (16, 32, 64, 128)
 TOKEN_BITS = 24
 
 
 def kernel_name(*, num_experts, top_k, block_m, has_mask):
     return f"moe_sort_e{num_experts}_k{top_k}_bm{block_m}" + ("_mask" if has_mask else "")
-
-
-def grid():
-    return (1, 1, 1)
 
 
 def build(*, num_experts, top_k, block_m, has_mask):
@@ -198,4 +196,4 @@ def build(*, num_experts, top_k, block_m, has_mask):
         ).launch(grid=(1, 1, 1), block=(BLOCK, 1, 1), stream=stream)
 
     params = ("ptr",) * 7 + ("i32",)
-    return c.KernelBuild(name, (BLOCK, 1, 1), params, launch, grid)
+    return c.KernelBuild(name, (BLOCK, 1, 1), params, launch)
