@@ -28,15 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MX_BLOCK = 32  # elements per E8M0 scale along the reduction dim (DESIGN §2)
+from .formats import MX_BLOCK
+from .layouts import CANONICAL
+
 STRATEGIES = ("gather_scatter", "all_to_all")
 # Below this many tokens per EP device, "auto" keeps gather_scatter: at decode
 # size both strategies move a few KB and gather_scatter needs two collectives
 # where all_to_all needs two plus its index bookkeeping.
 AUTO_MIN_TOKENS_PER_DEVICE = 64
-
-_WEIGHT_ARRAYS = ("w1", "w1_scale", "w2", "w2_scale", "b1", "b2")
-
 
 # --------------------------------------------------------------------------
 # shard_map across jax versions
@@ -106,11 +105,6 @@ def weight_specs(expert_axis: str | None, tensor_axis: str | None) -> dict[str, 
     }
 
 
-def _arrays(weights) -> dict[str, Any]:
-    return {n: getattr(weights, n, None) for n in _WEIGHT_ARRAYS
-            if getattr(weights, n, None) is not None}
-
-
 def check_weight_sharding(weights, mesh: Mesh, *, expert_axis: str | None,
                           tensor_axis: str | None) -> None:
     """Concrete weight arrays must be laid out as `shard_weights` lays them out
@@ -118,12 +112,15 @@ def check_weight_sharding(weights, mesh: Mesh, *, expert_axis: str | None,
     es, ts = mesh_sizes(mesh, expert_axis, tensor_axis)
     check_divisible(weights.num_experts, weights.intermediate, expert_axis=expert_axis,
                     expert_size=es, tensor_axis=tensor_axis, tensor_size=ts)
+    if weights.layout != CANONICAL:
+        raise ValueError(f"weights.layout must be {CANONICAL!r} (shard_weights converts); "
+                         f"got {weights.layout!r}")
     if ts > 1 and weights.gate_up != "interleaved":
         raise ValueError(f"tensor_axis {tensor_axis!r} of size {ts} needs weights from "
                          f"shard_weights (gate_up='interleaved' so each shard holds matching "
                          f"gate and up rows); got gate_up={weights.gate_up!r}")
     specs = weight_specs(expert_axis, tensor_axis)
-    for name, a in _arrays(weights).items():
+    for name, a in weights.arrays().items():
         if isinstance(a, jax.core.Tracer) or not isinstance(a, jax.Array):
             continue
         want = NamedSharding(mesh, specs[name])
@@ -148,7 +145,9 @@ def shard_weights(weights, mesh: Mesh, *, expert_axis: str | None = None,
                   tensor_axis: str | None = None):
     """Device-put ``weights`` so each device holds only its experts and I slice.
 
-    Returns MoEWeights (global shapes, NamedSharding per `weight_specs`).
+    Returns canonical-layout MoEWeights (global shapes, NamedSharding per
+    `weight_specs`); the single-device layer re-lays out each shard for its
+    backend.
     With TP over more than one device, ``separated`` gate/up rows are
     re-ordered host-side to ``interleaved`` (the same layer, gate_up field
     updated): a contiguous shard of the 2I rows then holds the gate and up
@@ -157,7 +156,8 @@ def shard_weights(weights, mesh: Mesh, *, expert_axis: str | None = None,
     es, ts = mesh_sizes(mesh, expert_axis, tensor_axis)
     check_divisible(weights.num_experts, weights.intermediate, expert_axis=expert_axis,
                     expert_size=es, tensor_axis=tensor_axis, tensor_size=ts)
-    arrays = _arrays(weights)
+    weights = weights.canonical()  # shards are slices of the logical arrays
+    arrays = weights.arrays()
     changes: dict[str, Any] = {}
     if ts > 1 and weights.gate_up == "separated":
         for name in ("w1", "w1_scale", "b1"):
@@ -312,7 +312,7 @@ def moe(x, weights, topk_weights, topk_ids, *, mesh: Mesh, expert_axis: str | No
     T_l = T_p // es
     C = capacity(T_l, k, es, capacity_factor)
 
-    arrays = _arrays(weights)
+    arrays = weights.arrays()
     specs = weight_specs(expert_axis, tensor_axis)
     tok_spec = P(expert_axis, None)
 
