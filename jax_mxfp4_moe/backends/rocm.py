@@ -66,19 +66,39 @@ def supports(quant: str, activation: str) -> bool:
     return quant in QUANTS and activation in ACTIVATIONS
 
 
+def sort_config(*, num_experts, top_k, has_mask):
+    return dict(num_experts=int(num_experts), top_k=int(top_k), block_m=SORT_BLOCK_M, has_mask=bool(has_mask))
+
+
+def quant_config(*, cols, fmt, in_dtype):
+    return dict(cols=int(cols), fmt=fmt, in_dtype=in_dtype)
+
+
+def gemm1_config(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_bias, nt,
+                 swiglu_alpha=1.702, swiglu_limit=7.0):
+    cfg = dict(hidden=int(hidden), intermediate=int(intermediate), num_experts=int(num_experts), quant=quant,
+               activation=activation, gate_up=gate_up, has_bias=bool(has_bias), nt=bool(nt))
+    if activation == "swiglu_oai" and (swiglu_alpha, swiglu_limit) != (1.702, 7.0):
+        cfg.update(swiglu_alpha=float(swiglu_alpha), swiglu_limit=float(swiglu_limit))
+    return cfg
+
+
+def gemm2_config(*, hidden, intermediate, num_experts, quant, has_bias, nt):
+    return dict(hidden=int(hidden), intermediate=int(intermediate), num_experts=int(num_experts), quant=quant,
+                has_bias=bool(has_bias), nt=bool(nt))
+
+
 def variants(*, num_experts, top_k, hidden, intermediate, quant, activation, gate_up, has_bias,
-             nt, in_dtype="bf16", has_mask=False, sort_experts=None):
+             nt, in_dtype="bf16", has_mask=False):
     """{stage: (kernel module, builder config)} of one pipeline configuration."""
-    E = int(num_experts)
     Hp, _ = ix.padded_dims(hidden, intermediate)
+    dims = dict(hidden=hidden, intermediate=intermediate, num_experts=num_experts, quant=quant,
+                has_bias=has_bias, nt=nt)
     return {
-        "sort": ("sort", dict(num_experts=int(sort_experts or E), top_k=int(top_k),
-                              block_m=SORT_BLOCK_M, has_mask=bool(has_mask))),
-        "quant": ("quant", dict(cols=Hp, fmt=_A_FMT[quant], in_dtype=in_dtype)),
-        "gemm1": ("gemm1", dict(hidden=hidden, intermediate=intermediate, num_experts=E, quant=quant,
-                                activation=activation, gate_up=gate_up, has_bias=bool(has_bias), nt=bool(nt))),
-        "gemm2": ("gemm2", dict(hidden=hidden, intermediate=intermediate, num_experts=E, quant=quant,
-                                has_bias=bool(has_bias), nt=bool(nt))),
+        "sort": ("sort", sort_config(num_experts=num_experts, top_k=top_k, has_mask=has_mask)),
+        "quant": ("quant", quant_config(cols=Hp, fmt=_A_FMT[quant], in_dtype=in_dtype)),
+        "gemm1": ("gemm1", gemm1_config(activation=activation, gate_up=gate_up, **dims)),
+        "gemm2": ("gemm2", gemm2_config(**dims)),
     }
 
 
@@ -109,9 +129,98 @@ def _with_nulls(kernel, null_params):
     return ffi.Kernel(kernel.code_hash, kernel.name, block=kernel.block, shared_mem=0, params=params)
 
 
+def sort(topk_ids, topk_weights, *, num_experts, expert_mask=None, arch="gfx950"):
+    """Sort kernel: sorting.SortResult of the DESIGN section 3 contract (BM = 32)."""
+    from .. import ffi
+
+    T, k = topk_ids.shape
+    P = sorting.sorted_size(T, k, num_experts, SORT_BLOCK_M)
+    nblocks = -(-P // SORT_BLOCK_M)
+    _, kernel = _kernel("sort", sort_config(num_experts=num_experts, top_k=k, has_mask=expert_mask is not None),
+                        arch)
+    mask = None
+    if expert_mask is None:
+        kernel = _with_nulls(kernel, {2})
+    else:
+        mask = jnp.asarray(expert_mask).astype(jnp.int32)
+    out = ffi.launch(
+        kernel, ix.sort_grid(),
+        [topk_ids.astype(jnp.int32), topk_weights.astype(jnp.float32), mask,
+         ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), T],
+        [jax.ShapeDtypeStruct((P,), jnp.int32), jax.ShapeDtypeStruct((P,), jnp.float32),
+         jax.ShapeDtypeStruct((nblocks,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)],
+        name="moe_sort")
+    return sorting.SortResult(*out)
+
+
+def quantize(x, fmt, *, arch="gfx950"):
+    """Quant kernel: x [T, K] (K a multiple of 32) -> (elements u8, scales u8 [T, K/32])."""
+    from .. import ffi
+
+    T, K = x.shape
+    in_dtype = "bf16" if x.dtype == jnp.bfloat16 else "f32"
+    xin = x.astype(jnp.bfloat16 if in_dtype == "bf16" else jnp.float32)
+    _, kernel = _kernel("quant", quant_config(cols=K, fmt=fmt, in_dtype=in_dtype), arch)
+    row_bytes = K // 2 if fmt == "mxfp4" else K
+    q, s = ffi.launch(
+        kernel, ix.quant_grid(T, K), [xin, ffi.Out(0), ffi.Out(1), T],
+        [jax.ShapeDtypeStruct((T, row_bytes), jnp.uint8), jax.ShapeDtypeStruct((T, K // 32), jnp.uint8)],
+        name="moe_quant")
+    return q, s
+
+
+def gemm1(xq, xs, w, s, *, tokens, quant, activation, nt, swiglu_alpha=1.702, swiglu_limit=7.0,
+          arch="gfx950"):
+    """gemm1 kernel: sorted intermediate (elements u8 [P, Ip(/2)], scales u8 [P, Ip/32])."""
+    from .. import ffi
+
+    H, I, E = w.hidden, w.intermediate, w.num_experts
+    _, Ip = ix.padded_dims(H, I)
+    P = s.sorted_token_ids.shape[0]
+    cfg = gemm1_config(hidden=H, intermediate=I, num_experts=E, quant=quant, activation=activation,
+                       gate_up=w.gate_up, has_bias=w.b1 is not None, nt=nt, swiglu_alpha=swiglu_alpha,
+                       swiglu_limit=swiglu_limit)
+    _, kernel = _kernel("gemm1", cfg, arch)
+    b1 = None
+    if w.b1 is None:
+        kernel = _with_nulls(kernel, {4})
+    else:
+        b1 = w.b1.astype(jnp.float32)
+    inter_bytes = Ip // 2 if quant == "a4w4" else Ip
+    inter, inter_s = ffi.launch(
+        kernel, ix.gemm1_grid(s.sorted_expert_ids.shape[0], Ip),
+        [xq, xs, w.w1, w.w1_scale, b1, s.sorted_token_ids, s.sorted_expert_ids, s.num_valid,
+         ffi.Out(0), ffi.Out(1), tokens],
+        [jax.ShapeDtypeStruct((P, inter_bytes), jnp.uint8), jax.ShapeDtypeStruct((P, Ip // 32), jnp.uint8)],
+        name="moe_gemm1")
+    return inter, inter_s
+
+
+def gemm2(inter, inter_s, w, s, *, tokens, quant, nt, arch="gfx950"):
+    """gemm2 kernel: y [T, Hp] bf16 (zeroed, then weighted atomic adds)."""
+    from .. import ffi
+
+    H, I, E = w.hidden, w.intermediate, w.num_experts
+    Hp, _ = ix.padded_dims(H, I)
+    _, kernel = _kernel("gemm2", gemm2_config(hidden=H, intermediate=I, num_experts=E, quant=quant,
+                                              has_bias=w.b2 is not None, nt=nt), arch)
+    b2 = None
+    if w.b2 is None:
+        kernel = _with_nulls(kernel, {4})
+    else:
+        b2 = w.b2.astype(jnp.float32)
+    (y,) = ffi.launch(
+        kernel, ix.gemm2_grid(s.sorted_expert_ids.shape[0], Hp),
+        [inter, inter_s, w.w2, w.w2_scale, b2, s.sorted_token_ids, s.sorted_weights, s.sorted_expert_ids,
+         s.num_valid, ffi.Out(0), tokens],
+        [jax.ShapeDtypeStruct((tokens, Hp), jnp.bfloat16)], zero_outputs=(0,), name="moe_gemm2")
+    return y
+
+
 def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a4w4", deterministic=False,
         expert_mask=None, swiglu_alpha=1.702, swiglu_limit=7.0, arch=None):
-    from .. import ffi, jnp_impl
+    """The shared backend signature; weights in any layout (converted to gfx950's)."""
+    from .. import jnp_impl
 
     if not supports(quant, activation) or deterministic:
         key = (quant, activation, bool(deterministic))
@@ -123,79 +232,19 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a4w4", 
                             deterministic=deterministic, expert_mask=expert_mask,
                             swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
     arch = arch or _device_arch() or "gfx950"
-    if (swiglu_alpha, swiglu_limit) != (1.702, 7.0) and activation == "swiglu_oai":
-        extra = dict(swiglu_alpha=float(swiglu_alpha), swiglu_limit=float(swiglu_limit))
-    else:
-        extra = {}
     w = weights.to_layout(LAYOUT_NAME)
     T, H = x.shape
-    k = topk_ids.shape[1]
-    E, I = w.num_experts, w.intermediate
     if T == 0:
         return jnp.zeros((0, H), x.dtype)
-    Hp, Ip = ix.padded_dims(H, I)
-    sort_E = E if expert_mask is None else int(expert_mask.shape[0])
-    P = sorting.sorted_size(T, k, sort_E, SORT_BLOCK_M)
-    nblocks = -(-P // SORT_BLOCK_M)
-    fmt = _A_FMT[quant]
-    in_dtype = "bf16" if x.dtype == jnp.bfloat16 else "f32"
-    plan = variants(num_experts=E, top_k=k, hidden=H, intermediate=I, quant=quant, activation=activation,
-                    gate_up=w.gate_up, has_bias=w.b1 is not None, nt=T <= NT_MAX_TOKENS, in_dtype=in_dtype,
-                    has_mask=expert_mask is not None, sort_experts=sort_E)
-    plan["gemm1"][1].update(extra)
-
-    def kern(stage):
-        return _kernel(*plan[stage], arch)
-
-    # 1. sort
-    co, kernel = kern("sort")
-    mask_arg = None
-    if expert_mask is None:
-        kernel = _with_nulls(kernel, {2})
-    else:
-        mask_arg = jnp.asarray(expert_mask).astype(jnp.int32)
-    sorted_ids, sorted_w, sorted_e, num_valid = ffi.launch(
-        kernel, ix.sort_grid(),
-        [topk_ids.astype(jnp.int32), topk_weights.astype(jnp.float32), mask_arg,
-         ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), T],
-        [jax.ShapeDtypeStruct((P,), jnp.int32), jax.ShapeDtypeStruct((P,), jnp.float32),
-         jax.ShapeDtypeStruct((nblocks,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)],
-        name="moe_sort")
-
-    # 2. activation quantisation (x padded to Hp with zeros: whole zero MX blocks)
-    xin = x.astype(jnp.bfloat16 if in_dtype == "bf16" else jnp.float32)
-    if Hp != H:
+    Hp, _ = ix.padded_dims(H, w.intermediate)
+    nt = T <= NT_MAX_TOKENS
+    n_sort = w.num_experts if expert_mask is None else int(jnp.shape(expert_mask)[0])
+    s = sort(topk_ids, topk_weights, num_experts=n_sort, expert_mask=expert_mask, arch=arch)
+    xin = x if x.dtype in (jnp.bfloat16, jnp.float32) else x.astype(jnp.float32)
+    if Hp != H:  # zero columns form whole zero MX blocks
         xin = jnp.pad(xin, ((0, 0), (0, Hp - H)))
-    co, kernel = kern("quant")
-    row_bytes = Hp // 2 if fmt == "mxfp4" else Hp
-    xq, xs = ffi.launch(
-        kernel, ix.quant_grid(T, Hp), [xin, ffi.Out(0), ffi.Out(1), T],
-        [jax.ShapeDtypeStruct((T, row_bytes), jnp.uint8), jax.ShapeDtypeStruct((T, Hp // 32), jnp.uint8)],
-        name="moe_quant")
-
-    # 3. gemm1
-    co, kernel = kern("gemm1")
-    b1 = None
-    if w.b1 is None:
-        kernel = _with_nulls(kernel, {4})
-    else:
-        b1 = w.b1.astype(jnp.float32)
-    inter_bytes = Ip // 2 if fmt == "mxfp4" else Ip
-    inter, inter_s = ffi.launch(
-        kernel, ix.gemm1_grid(nblocks, Ip),
-        [xq, xs, w.w1, w.w1_scale, b1, sorted_ids, sorted_e, num_valid, ffi.Out(0), ffi.Out(1), T],
-        [jax.ShapeDtypeStruct((P, inter_bytes), jnp.uint8), jax.ShapeDtypeStruct((P, Ip // 32), jnp.uint8)],
-        name="moe_gemm1")
-
-    # 4. gemm2: atomics into a zeroed [T, Hp] bf16 buffer
-    co, kernel = kern("gemm2")
-    b2 = None
-    if w.b2 is None:
-        kernel = _with_nulls(kernel, {4})
-    else:
-        b2 = w.b2.astype(jnp.float32)
-    (y,) = ffi.launch(
-        kernel, ix.gemm2_grid(nblocks, Hp),
-        [inter, inter_s, w.w2, w.w2_scale, b2, sorted_ids, sorted_w, sorted_e, num_valid, ffi.Out(0), T],
-        [jax.ShapeDtypeStruct((T, Hp), jnp.bfloat16)], zero_outputs=(0,), name="moe_gemm2")
+    xq, xs = quantize(xin, _A_FMT[quant], arch=arch)
+    inter, inter_s = gemm1(xq, xs, w, s, tokens=T, quant=quant, activation=activation, nt=nt,
+                           swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, arch=arch)
+    y = gemm2(inter, inter_s, w, s, tokens=T, quant=quant, nt=nt, arch=arch)
     return y[:, :H].astype(x.dtype)
