@@ -11,6 +11,7 @@ memory layout of the arrays (layouts.py); the dims stay the logical ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, Optional
 
 import jax
@@ -94,6 +95,14 @@ class MoEWeights:
                 raise TypeError(f"weights.{name}: expected dtype {dtype}, got {a.dtype}")
             if dtype is None and not jnp.issubdtype(a.dtype, jnp.floating):
                 raise TypeError(f"weights.{name}: expected a float dtype, got {a.dtype}")
+
+
+# jax.export artifacts carry the pytree of their arguments: name the static
+# fields so an exported moe() can be deserialised and called in a new process.
+jax.export.register_pytree_node_serialization(
+    MoEWeights, serialized_name="jax_mxfp4_moe.MoEWeights",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda data: tuple(json.loads(data.decode())))
 
 
 def _with_missing(arrays: Mapping) -> dict:

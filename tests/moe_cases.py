@@ -1,0 +1,39 @@
+"""Random MoE problems shared by the tests (CPU and GPU)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mxfp4_moe import prepare_weights, routing
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    E: int
+    k: int
+    H: int
+    I: int
+
+
+GPT_OSS_LIKE = Shape("gpt-oss-like", E=8, k=4, H=256, I=256)
+DEEPSEEK_LIKE = Shape("deepseek-like", E=16, k=8, H=256, I=128)
+
+
+def make_weights(shape, *, gate_up="separated", bias=True, seed=0, layout="canonical"):
+    rng = np.random.default_rng(seed)
+    E, H, I = shape.E, shape.H, shape.I
+    w1 = rng.standard_normal((E, 2 * I, H)).astype(np.float32) / np.sqrt(H)
+    w2 = rng.standard_normal((E, H, I)).astype(np.float32) / np.sqrt(I)
+    b1 = rng.standard_normal((E, 2 * I)).astype(np.float32) * 0.1 if bias else None
+    b2 = rng.standard_normal((E, H)).astype(np.float32) * 0.1 if bias else None
+    return prepare_weights(w1, w2, b1, b2, gate_up=gate_up, layout=layout)
+
+
+def make_tokens(shape, T, *, seed=1, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((T, shape.H)) * 2.0, dtype)
+    logits = jnp.asarray(rng.standard_normal((T, shape.E)), jnp.float32)
+    tw, ti = routing.topk_softmax(logits, shape.k)
+    return x, tw, ti
