@@ -161,11 +161,18 @@ def test_cpp_packing_rejects_oversize():
 # The whole launch description through XLA (CPU dry-run target)
 # --------------------------------------------------------------------------
 
+@pytest.fixture
+def on_cpu():
+    """The dry-run target is registered for the CPU platform only."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 AXPY = ffi.Kernel(HASH, "axpy", block=(128,),
                   params=("ptr", "ptr", "ptr", "i32", "f32", "i64", "u32", "null", "null"))
 
 
-def test_dry_run_packs_like_the_oracle_with_real_buffer_addresses():
+def test_dry_run_packs_like_the_oracle_with_real_buffer_addresses(on_cpu):
     x = jnp.arange(16, dtype=jnp.float32)
     b = jnp.ones((4,), jnp.int32)
     outs, kernargs = ffi.dry_run(
@@ -187,14 +194,14 @@ def test_dry_run_packs_like_the_oracle_with_real_buffer_addresses():
     np.testing.assert_array_equal(np.asarray(outs[0]), np.zeros(8, np.float32))
 
 
-def test_dry_run_without_params_or_zero_outputs():
+def test_dry_run_without_params_or_zero_outputs(on_cpu):
     k = ffi.Kernel(HASH, "noop", block=(64, 2), params=())
     outs, kernargs = ffi.dry_run(k, 1, [], [jax.ShapeDtypeStruct((2,), jnp.int32)])
     assert np.asarray(kernargs).shape == (0,)
     assert np.asarray(outs[0]).shape == (2,)
 
 
-def test_dry_run_under_jit_with_out_pointer_order():
+def test_dry_run_under_jit_with_out_pointer_order(on_cpu):
     k = ffi.Kernel(HASH, "two_outs", params=("ptr", "ptr", "ptr"))
 
     @jax.jit
@@ -211,7 +218,7 @@ def test_dry_run_under_jit_with_out_pointer_order():
         np.testing.assert_array_equal(np.asarray(o), 0)
 
 
-def test_handler_error_names_the_kernel_and_process_continues():
+def test_handler_error_names_the_kernel_and_process_continues(on_cpu):
     # Bypass Python validation to reach the C++ checks: lengths disagree.
     call = jax.ffi.ffi_call(ffi.DRY_RUN_TARGET, [jax.ShapeDtypeStruct((8,), jnp.uint8)],
                             vmap_method="sequential")
