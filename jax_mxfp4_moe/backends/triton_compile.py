@@ -68,6 +68,7 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
     ...); ``constexprs`` maps names to compile-time values (they need no
     signature entry). ``divisible_by_16`` names pointer/int arguments the
     caller guarantees to be multiples of 16 (lets Triton vectorise).
+    ``options`` go to Triton's backend (e.g. ``{"maxnreg": 128}``).
     Returns ``(cubin, meta)``; meta holds ``name``, ``num_warps``, ``shared``
     (dynamic shared memory bytes), ``block`` and ``params`` (for ffi.Kernel,
     hidden trailing NULL pointers included) and ``triton_version``.
@@ -93,7 +94,10 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
     full_signature = {n: ("constexpr" if n in constexprs else signature[n]) for n in arg_names}
     attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
     src = ASTSource(fn, full_signature, constexprs=dict(constexprs), attrs=attrs)
-    opts = dict(options or {}, num_warps=num_warps, num_stages=num_stages)
+    # FMA contraction on, as every Triton up to 3.9 does by default (3.10
+    # changes the default): one behaviour whichever version compiles.
+    opts = {"enable_fp_fusion": True, **(options or {}), "num_warps": num_warps,
+            "num_stages": num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
     md = compiled.metadata
