@@ -1,10 +1,12 @@
 """MX (OCP Microscaling) element and scale arithmetic as Triton device functions.
 
-The scale rule is `jax_mxfp4_moe.formats`' (FlyDSL's ``f32_to_e8m0(amax /
-dtype_max)``): v = amax / 4 (MXFP4) or max(amax, 1e-30) / 448 (MXFP8, IEEE
-division), byte = biased exponent of v, +1 when mantissa bit 22 is set and
-(any lower mantissa bit or the exponent is non-zero); NaN/Inf -> 255.
-Elements are x * 2**(127 - byte) rounded to nearest even, saturating.
+The scale rule is `jax_mxfp4_moe.formats`' (FlyDSL's MXFP4 rule
+``f32_to_e8m0(amax / 2**emax)``, applied to both formats): v = amax / 4
+(MXFP4) or amax / 256 (MXFP8), both exact; byte = biased exponent of v, +1
+when mantissa bit 22 is set and (any lower mantissa bit or the exponent is
+non-zero); NaN/Inf -> 255. Elements are x * 2**(127 - byte) (applied as two
+normal power-of-two factors, like formats) rounded to nearest even,
+saturating.
 """
 
 import triton
@@ -15,22 +17,27 @@ import triton.language as tl
 def e8m0_scale(amax, FP8: tl.constexpr):
     """Scale byte (int32) of blocks whose absolute maximum is ``amax`` (f32)."""
     if FP8:
-        v = tl.math.div_rn(tl.maximum(amax, 1e-30), 448.0)
+        v = amax * 0.00390625  # 1 / 2**8
     else:
-        v = amax * 0.25
+        v = amax * 0.25  # 1 / 2**2
     u = v.to(tl.int32, bitcast=True)
     exp = (u >> 23) & 0xFF
     round_up = ((u & 0x400000) != 0) & (((u & 0x3FFFFF) != 0) | (exp > 0))
     byte = tl.where(round_up & (exp != 0xFF), exp + 1, exp)
-    # tl.maximum drops NaN; a NaN amax must still give the NaN scale.
-    return tl.where(amax != amax, 255, byte)
+    return byte
 
 
 @triton.jit
-def e8m0_inverse(byte):
-    """2**(127 - byte) as f32, clamped like formats._inverse_scale (jnp)."""
-    e = tl.minimum(tl.maximum(254 - byte, 1), 254)
-    return (e << 23).to(tl.float32, bitcast=True)
+def apply_inverse_scale(xb, byte):
+    """xb [R, B, 32] * 2**(127 - byte[R, B]) exactly, as formats does it: two
+    factors in [2**-64, 2**64], so none is a denormal."""
+    e = 127 - byte
+    e1 = e // 2
+    e1 = tl.where((e < 0) & (e1 * 2 != e), e1 - 1, e1)  # floor division
+    e2 = e - e1
+    f1 = ((e1 + 127) << 23).to(tl.float32, bitcast=True)
+    f2 = ((e2 + 127) << 23).to(tl.float32, bitcast=True)
+    return xb * f1[:, :, None] * f2[:, :, None]
 
 
 @triton.jit
@@ -79,7 +86,7 @@ def mx_fake_quant(x, ROWS: tl.constexpr, COLS: tl.constexpr, FP8: tl.constexpr):
     has_nan = tl.max((xb != xb).to(tl.int32), axis=2)
     amax = tl.where(has_nan != 0, float("nan"), amax)
     byte = e8m0_scale(amax, FP8)
-    y = xb * e8m0_inverse(byte)[:, :, None]
+    y = apply_inverse_scale(xb, byte)
     if FP8:
         q = clip_fp8(y).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
     else:

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .mx import clip_fp8, e2m1_code, e8m0_inverse, e8m0_scale
+from .mx import apply_inverse_scale, clip_fp8, e2m1_code, e8m0_scale
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def mx_quant(x_ptr, q_ptr, s_ptr, n_rows, K,
     has_nan = tl.max((xb != xb).to(tl.int32), axis=2)
     amax = tl.where(has_nan != 0, float("nan"), amax)
     byte = e8m0_scale(amax, FP8)
-    y = tl.reshape(xb * e8m0_inverse(byte)[:, :, None], (BLOCK_R, BLOCK_K))
+    y = tl.reshape(apply_inverse_scale(xb, byte), (BLOCK_R, BLOCK_K))
     if FP8:
         q = clip_fp8(y).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=ok)

@@ -1,0 +1,171 @@
+"""NVIDIA Hopper (sm_90a) backend: Triton kernels launched through the FFI
+code-object launcher on XLA's stream.
+
+Pipeline (DESIGN §3), all launches on the GPU:
+  sort (1 launch, or 3 for large T*k) -> gemm1 (gather + MX-quantised A load,
+  act, re-quantise) -> gemm2 (weighted atomic add into f32 y, or per-slot
+  stores for the deterministic variant) -> cast (one XLA op).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .. import sorting
+from .cuda_kernels import SORT_CHUNK, SORT_ONE_MAX, TRITON_DTYPE, choose_config, kernel, launch
+
+QUANTS = ("a16w4", "a8w4", "a4w4")
+ACTIVATIONS = ("silu", "swiglu_oai")
+# Activation element format per mode, as the kernels' A_FMT / OUT_FMT codes.
+_ACT_FORMAT = {"a16w4": 0, "a4w4": 1, "a8w4": 2}
+_ACT_CODE = {"silu": 0, "swiglu_oai": 1}
+
+
+def available() -> bool:
+    """A CUDA device of compute capability 9.0 and the FFI launcher."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return False
+    if not devices or getattr(devices[0], "platform", "") != "gpu":
+        return False
+    if str(getattr(devices[0], "compute_capability", "")) != "9.0":
+        return False
+    try:
+        from .. import ffi
+    except ImportError:
+        return False
+    return ffi.available()
+
+
+def supports(quant: str, activation: str) -> bool:
+    return quant in QUANTS and activation in ACTIVATIONS
+
+
+def _ffi():
+    from .. import ffi
+    return ffi
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=None):
+    """The sort contract computed by Triton kernels -> sorting.SortResult."""
+    ffi = _ffi()
+    T, K = topk_ids.shape
+    E = num_experts
+    P = sorting.sorted_size(T, K, E, block_m)
+    NB = sorting.num_blocks(T, K, E, block_m)
+    n = T * K
+    ids = topk_ids.astype(jnp.int32).reshape(-1)
+    w = topk_weights.astype(jnp.float32).reshape(-1)
+    has_mask = expert_mask is not None
+    mask = jnp.asarray(expert_mask).astype(jnp.int32) if has_mask else ids  # ids: unused dummy
+    nbins = _pow2_at_least(E + 1)  # bin E collects the entries that are "not here"
+    i32, f32 = jnp.int32, jnp.float32
+    outs = [jax.ShapeDtypeStruct((P,), i32), jax.ShapeDtypeStruct((P,), f32),
+            jax.ShapeDtypeStruct((NB,), i32), jax.ShapeDtypeStruct((2,), i32)]
+    if n <= SORT_ONE_MAX:
+        sub = min(128, _pow2_at_least(max(n, 16)))
+        kern = kernel("moe_sort", "moe_sort_one", num_warps=4, BM=block_m, NBINS=nbins, SUB=sub,
+                      BLK=64 if nbins <= 256 else 32, FILL=1024, HAS_MASK=has_mask)
+        res = launch(kern, (1, 1, 1),
+                         [ids, w, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), ffi.Out(4),
+                          T, K, E, P, NB],
+                         outs + [jax.ShapeDtypeStruct((nbins,), i32)], name="moe_sort_one")
+        return sorting.SortResult(*res[:4])
+    nchunk = -(-n // SORT_CHUNK)
+    count = kernel("moe_sort", "moe_sort_count", num_warps=4, NBINS=nbins, SUB=128, FILL=1024,
+                   HAS_MASK=has_mask)
+    sid, sw, counts = launch(
+        count, (nchunk, 1, 1),
+        [ids, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, K, E, P, SORT_CHUNK],
+        outs[:2] + [jax.ShapeDtypeStruct((nchunk * nbins,), i32)], name="moe_sort_count")
+    layout = kernel("moe_sort", "moe_sort_layout", num_warps=4, BM=block_m, NBINS=nbins,
+                    BLK=64 if nbins <= 256 else 32, HAS_MASK=has_mask)
+    sexp, nv, run = launch(
+        layout, (1, 1, 1),
+        [counts, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, E, NB, nchunk],
+        outs[2:] + [jax.ShapeDtypeStruct((nchunk * nbins,), i32)], name="moe_sort_layout")
+    scatter = kernel("moe_sort", "moe_sort_scatter", num_warps=4, NBINS=nbins, SUB=128,
+                     HAS_MASK=has_mask)
+    # sid, sw and run are updated in place (operands 3, 4, 5 alias results 0, 1, 2).
+    sid, sw, _ = launch(
+        scatter, (nchunk, 1, 1),
+        [ids, w, mask, sid, sw, run, T, K, E, SORT_CHUNK],
+        [jax.ShapeDtypeStruct((P,), i32), jax.ShapeDtypeStruct((P,), f32),
+         jax.ShapeDtypeStruct((nchunk * nbins,), i32)],
+        input_output_aliases={3: 0, 4: 1, 5: 2}, name="moe_sort_scatter")
+    return sorting.SortResult(sid, sw, sexp, nv)
+
+
+def quantize_mx(x, fmt: str):
+    """x [N, K] -> (bytes, scale) like formats.quantize_mxfp4 / quantize_mxfp8, on the GPU."""
+    if fmt not in ("mxfp4", "mxfp8"):
+        raise ValueError(f"fmt: expected 'mxfp4' or 'mxfp8', got {fmt!r}")
+    if x.ndim != 2 or x.shape[1] % 32:
+        raise ValueError(f"x: expected [N, K] with K a multiple of 32, got {x.shape}")
+    ffi = _ffi()
+    N, K = x.shape
+    fp8 = fmt == "mxfp8"
+    br, bk = 4, 256
+    kern = kernel("mx_quant", "mx_quant", num_warps=4, x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
+                  BLOCK_R=br, BLOCK_K=bk, FP8=fp8)
+    q, s = launch(kern, (-(-N // br), -(-K // bk), 1),
+                      [x, ffi.Out(0), ffi.Out(1), N, K],
+                      [jax.ShapeDtypeStruct((N, K if fp8 else K // 2), jnp.uint8),
+                       jax.ShapeDtypeStruct((N, K // 32), jnp.uint8)], name="mx_quant")
+    return q, s
+
+
+def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
+        deterministic=False, expert_mask=None, swiglu_alpha=1.702, swiglu_limit=7.0):
+    if not supports(quant, activation):
+        raise ValueError(f"quant/activation: no Triton kernels for {quant!r}/{activation!r}")
+    ffi = _ffi()
+    w = weights.canonical()
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, I = w.num_experts, w.intermediate
+    n_sort = E if expert_mask is None else expert_mask.shape[0]
+    cfg = choose_config(T, K, E, H, I, deterministic=deterministic)
+    BM = cfg.block_m
+    s = sort(topk_ids, topk_weights, num_experts=n_sort, block_m=BM, expert_mask=expert_mask)
+    P = s.sorted_token_ids.shape[0]
+    # Blocks that can hold entries: ceil(T*k/BM) full ones plus one partial per expert.
+    grid_m = min(sorting.num_blocks(T, K, n_sort, BM), -(-T * K // BM) + min(E, T * K))
+    dummy = s.sorted_weights  # stands in for an absent bias (never read)
+    fmt = _ACT_FORMAT[quant]
+
+    g1 = cfg.gemm1
+    k1 = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=1,
+                x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
+                BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=fmt, OUT_FMT=fmt,
+                ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
+                HAS_BIAS=w.b1 is not None, SWAP=g1.swap, STAGES=g1.num_stages)
+    (inter,) = launch(
+        k1, (-(-I // g1.block_n), grid_m, 1),
+        [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, s.sorted_token_ids,
+         s.sorted_expert_ids, s.num_valid, ffi.Out(0), T, H, I, float(swiglu_alpha),
+         float(swiglu_limit)],
+        [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)], name="moe_gemm1")
+
+    g2 = cfg.gemm2
+    k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=1,
+                BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
+                HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
+                STAGES=g2.num_stages)
+    y_shape = (T, K, H) if deterministic else (T, H)
+    (acc,) = launch(
+        k2, (-(-H // g2.block_n), grid_m, g2.split_k),
+        [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, s.sorted_token_ids,
+         s.sorted_weights, s.sorted_expert_ids, s.num_valid, ffi.Out(0), T, H, I, K],
+        [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,), name="moe_gemm2")
+    if deterministic:
+        acc = functools.reduce(lambda a, b: a + b, [acc[:, j] for j in range(K)])
+    return acc.astype(x.dtype)

@@ -1,0 +1,190 @@
+"""The Triton kernels of the CUDA backend: signatures, compilation to cubin
+(cached on disk), and the block-configuration table.
+
+Compilation needs triton (imported lazily); a populated code cache does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import math
+import pathlib
+
+ARCH = 90  # sm_90a (Hopper: H100, H200)
+
+
+def kernel_modules():
+    """The kernel source package: installed as jax_mxfp4_moe.kernels.triton,
+    or the repository's top-level kernels/triton when running from a checkout."""
+    try:
+        return importlib.import_module("jax_mxfp4_moe.kernels.triton")
+    except ImportError:
+        return importlib.import_module("kernels.triton")
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """sha256 over every kernel source file (a change anywhere recompiles)."""
+    folder = pathlib.Path(kernel_modules().__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Kernel signatures (pointer element types are filled in per call where they vary)
+# ---------------------------------------------------------------------------
+
+_SIGNATURES = {
+    ("moe_sort", "moe_sort_one"): dict(
+        ids_ptr="*i32", w_ptr="*fp32", mask_ptr="*i32", sid_ptr="*i32", sw_ptr="*fp32",
+        sexp_ptr="*i32", nv_ptr="*i32", run_ptr="*i32", T="i32", K="i32", E="i32", P="i32",
+        NB="i32"),
+    ("moe_sort", "moe_sort_count"): dict(
+        ids_ptr="*i32", mask_ptr="*i32", sid_ptr="*i32", sw_ptr="*fp32", counts_ptr="*i32",
+        T="i32", K="i32", E="i32", P="i32", CHUNK="i32"),
+    ("moe_sort", "moe_sort_layout"): dict(
+        counts_ptr="*i32", mask_ptr="*i32", sexp_ptr="*i32", nv_ptr="*i32", run_ptr="*i32",
+        T="i32", E="i32", NB="i32", NCHUNK="i32"),
+    ("moe_sort", "moe_sort_scatter"): dict(
+        ids_ptr="*i32", w_ptr="*fp32", mask_ptr="*i32", sid_ptr="*i32", sw_ptr="*fp32",
+        run_ptr="*i32", T="i32", K="i32", E="i32", CHUNK="i32"),
+    ("mx_quant", "mx_quant"): dict(
+        x_ptr="*{x}", q_ptr="*u8", s_ptr="*u8", n_rows="i32", K="i32"),
+    ("moe_gemm", "moe_gemm1"): dict(
+        x_ptr="*{x}", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
+        nv_ptr="*i32", out_ptr="*bf16", T="i32", H="i32", I="i32", swiglu_alpha="fp32",
+        swiglu_limit="fp32"),
+    ("moe_gemm", "moe_gemm2"): dict(
+        inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
+        sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32", T="i32", H="i32",
+        I="i32", TOPK="i32"),
+}
+
+TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _triton_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("triton")
+    except Exception:  # not installed: only a ready cache can serve
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(module: str, name: str, constexprs: tuple, num_warps: int, num_stages: int,
+               x_dtype: str = "bf16"):
+    """ffi.Kernel for one compiled variant; constexprs as sorted (name, value) pairs."""
+    from .. import ffi
+
+    signature = {k: v.format(x=x_dtype) for k, v in _SIGNATURES[(module, name)].items()}
+    consts = dict(constexprs)
+    key = dict(kernel=f"{module}.{name}", source=source_hash(), signature=signature,
+               constexprs=consts, arch=ARCH, num_warps=num_warps, num_stages=num_stages)
+
+    def build():
+        from .triton_compile import compile_triton
+        fn = getattr(importlib.import_module(f"{kernel_modules().__name__}.{module}"), name)
+        # codecache logs the compile time of each variant at INFO.
+        return compile_triton(fn, signature, consts, arch=ARCH, num_warps=num_warps,
+                              num_stages=num_stages)
+
+    code_hash, meta = _cached(key, build)
+    return ffi.Kernel(code_hash, meta["name"], block=(32 * meta["num_warps"], 1, 1),
+                      shared_mem=meta["shared"], params=tuple(meta["params"]))
+
+
+def _cached(key: dict, build):
+    """codecache.cached_compile keyed on the triton version that compiles; the
+    result is also filed under a version-free key, which is what a process
+    without triton finds (a ready cache then runs with no compiler)."""
+    from .. import codecache
+
+    any_version = dict(key, compiler="triton (any version)")
+    version = _triton_version()
+    if version is None:
+        def no_compiler():
+            raise RuntimeError(
+                f"{key['kernel']} {key['constexprs']}: not in the code cache "
+                f"({codecache.cache_dir()}) and triton is not installed to compile it")
+        return codecache.cached_compile(any_version, no_compiler)
+    code_hash, meta = codecache.cached_compile(dict(key, compiler=f"triton {version}"), build)
+    codecache.cached_compile(any_version, lambda: (codecache.load_code_object(code_hash), meta))
+    return code_hash, meta
+
+
+def launch(kern, grid, args, out_types, **kwargs):
+    """ffi.launch with Triton's hidden trailing scratch pointers passed as NULL."""
+    from .. import ffi
+
+    args = list(args) + [None] * (len(kern.params) - len(args))
+    return ffi.launch(kern, grid, args, out_types, **kwargs)
+
+
+def kernel(module: str, name: str, *, num_warps: int, num_stages: int = 1, x_dtype="bf16",
+           **constexprs):
+    return get_kernel(module, name, tuple(sorted(constexprs.items())), num_warps, num_stages,
+                      x_dtype)
+
+
+# ---------------------------------------------------------------------------
+# Block configurations: the one heuristic table
+# ---------------------------------------------------------------------------
+
+NUM_SMS = 132  # H100 SXM / H200; used only to size split-K
+
+# Sort: one program up to this many (token, slot) entries, else chunked.
+SORT_ONE_MAX = 4096
+SORT_CHUNK = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_n: int      # gemm1: intermediate columns (2x W1 rows); gemm2: H columns
+    block_k: int
+    swap: bool        # W @ A^T: weight rows on the MMA's M side (small BM)
+    num_warps: int
+    num_stages: int
+    split_k: int = 1  # gemm2 only
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    block_m: int
+    gemm1: GemmConfig
+    gemm2: GemmConfig
+
+
+# Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
+# is the balanced expectation). Small r is weight-streaming (memory bound):
+# swap so that BM can be 16 with the weight tile on the MMA's 64-row side, and
+# narrow N tiles for many CTAs per expert. Large r is compute bound: BM=128
+# rows x 64 W rows per CTA with 8 warps (the largest tiles that compile
+# without local-memory spills with triton's dot_scaled upcast on sm_90a).
+_REGIMES = (
+    # (max rows per expert, BM, gemm1, gemm2)
+    (16, 16, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
+    (64, 64, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
+    (math.inf, 128, GemmConfig(32, 64, False, 8, 3), GemmConfig(64, 64, False, 8, 3)),
+)
+
+
+def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool) -> MoEConfig:
+    rows_per_expert = T * k / max(E, 1)
+    for max_rows, bm, g1, g2 in _REGIMES:
+        if rows_per_expert <= max_rows:
+            break
+    # gemm2 adds into y atomically, so it may split K when too few CTAs would
+    # stream the weights: aim for >= 2 CTAs per SM.
+    if not deterministic:
+        blocks = min(E, T * k) + T * k // bm
+        ctas = blocks * -(-H // g2.block_n)
+        split = max(1, min(4, -(-2 * NUM_SMS // ctas), I // g2.block_k))
+        g2 = dataclasses.replace(g2, split_k=split)
+    return MoEConfig(bm, g1, g2)

@@ -1,0 +1,347 @@
+"""Bench: ``python -m jax_mxfp4_moe.bench --preset gpt-oss-120b --tokens 1,8,64``.
+
+For each T it times, in one process: this package's ``moe``, and the JAX
+baselines: bf16 weights + ``jax.lax.ragged_dot``; MXFP4 storage dequantised in
+jnp + ``ragged_dot``; bf16 weights through Pallas' Mosaic-GPU ragged_dot
+(where the installed jax has it, on a GPU). It reports the median over timed
+reps, achieved TB/s and TFLOP/s, the ratio of each baseline to ours, and the
+percentage of the roofline (DESIGN §6): max(bytes of the experts touched /
+HBM bandwidth, 2*T*k*3*H*I / bf16 peak), both measured at start.
+
+Honest timing: each rep runs the layer over R different routings inside one
+jitted call (one dispatch), so the weights a rep streams (R x the experts one
+call touches) do not sit in L2 from the previous call; time per layer call =
+rep time / R. Only the bytes of the experts each routing touches count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import formats, jnp_impl, sorting
+from .weights import MoEWeights
+
+MXFP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32  # fp4 element + its share of a scale byte
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    activation: str
+    gate_up: str
+    bias: bool
+
+
+PRESETS = {
+    "gpt-oss-120b": Preset(128, 4, 2880, 2880, "swiglu_oai", "interleaved", True),
+    "gpt-oss-20b": Preset(32, 4, 2880, 2880, "swiglu_oai", "interleaved", True),
+    "deepseek-v3": Preset(256, 8, 7168, 2048, "silu", "separated", False),
+    "qwen3-30b-a3b": Preset(128, 8, 2048, 768, "silu", "separated", False),
+    "tiny": Preset(8, 2, 128, 64, "silu", "separated", True),  # CPU smoke test
+}
+
+BASELINES = ("bf16_ragged_dot", "mxfp4_dequant_ragged_dot", "mosaic_gpu_ragged_dot")
+
+
+# ---------------------------------------------------------------------------
+# Device ceilings
+# ---------------------------------------------------------------------------
+
+def _time(fn, *args, reps: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_bandwidth(nbytes: int) -> float:
+    """HBM read bandwidth (bytes/s): a reduction over a large array."""
+    n = nbytes // 4
+    a = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    f = jax.jit(lambda v: jnp.sum(v))
+    t = statistics.median(_time(f, a, reps=10))
+    del a
+    return n * 4 / t
+
+
+def measure_bf16_peak(size: int) -> float:
+    """Dense bf16 matmul rate (FLOP/s) on random data."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(k1, (size, size), jnp.bfloat16)
+    b = jax.random.normal(k2, (size, size), jnp.bfloat16)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    t = statistics.median(_time(f, a, b, reps=10))
+    return 2 * size ** 3 / t
+
+
+# ---------------------------------------------------------------------------
+# Problem set-up
+# ---------------------------------------------------------------------------
+
+def random_weights(p: Preset, key) -> MoEWeights:
+    """Random MXFP4 weights generated on the device (no host round trip)."""
+    E, H, I = p.num_experts, p.hidden, p.intermediate
+    ks = jax.random.split(key, 6)
+    u8 = lambda k, shape: jax.random.bits(k, shape, jnp.uint8)
+    # Scales near 2**-5 keep activations O(1) through both layers.
+    sc = lambda k, shape: jax.random.randint(k, shape, 119, 124, jnp.int32).astype(jnp.uint8)
+    b1 = jax.random.normal(ks[4], (E, 2 * I), jnp.float32) * 0.1 if p.bias else None
+    b2 = jax.random.normal(ks[5], (E, H), jnp.float32) * 0.1 if p.bias else None
+    return MoEWeights(u8(ks[0], (E, 2 * I, H // 2)), sc(ks[1], (E, 2 * I, H // 32)),
+                      u8(ks[2], (E, H, I // 2)), sc(ks[3], (E, H, I // 32)), b1, b2,
+                      num_experts=E, hidden=H, intermediate=I, gate_up=p.gate_up)
+
+
+def random_routings(p: Preset, T: int, count: int, seed: int):
+    """`count` routings, each T tokens to k distinct experts (top-k of random logits)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((count, T, p.num_experts))
+    ids = np.argsort(-logits, axis=-1)[..., :p.top_k].astype(np.int32)
+    w = rng.random((count, T, p.top_k)).astype(np.float32)
+    w /= w.sum(-1, keepdims=True)
+    return ids, w
+
+
+def expert_bytes(p: Preset) -> float:
+    """HBM bytes of one expert in MXFP4 (+ f32 biases)."""
+    elems = 3 * p.hidden * p.intermediate
+    return elems * MXFP4_BYTES_PER_WEIGHT + (4 * (3 * p.intermediate + p.hidden) if p.bias else 0)
+
+
+def touched_bytes(p: Preset, ids: np.ndarray, T: int) -> float:
+    """Bytes one call must move: its distinct experts, x read and y written (bf16)."""
+    return len(np.unique(ids)) * expert_bytes(p) + 2 * 2 * T * p.hidden
+
+
+def flops(p: Preset, T: int) -> float:
+    return 2.0 * T * p.top_k * 3 * p.hidden * p.intermediate
+
+
+# ---------------------------------------------------------------------------
+# Baselines (jnp)
+# ---------------------------------------------------------------------------
+
+def _sorted_rows(x, topk_ids, E):
+    T, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.zeros(E, jnp.int32).at[flat].add(1)
+    return order, x[order // k], sizes
+
+
+def _layer_dense(x, topk_weights, topk_ids, w1t, w2t, b1, b2, p: Preset, matmul):
+    """Routing + two grouped matmuls + weighted combine, with w1t [E, H, 2I], w2t [E, I, H]."""
+    T, k = topk_ids.shape
+    order, xs, sizes = _sorted_rows(x, topk_ids, p.num_experts)
+    h = matmul(xs, w1t, sizes).astype(jnp.float32)
+    e_sorted = topk_ids.reshape(-1)[order]
+    if b1 is not None:
+        h = h + b1[e_sorted]
+    a = jnp_impl.activation_fn(h, p.activation, p.gate_up, 1.702, 7.0).astype(x.dtype)
+    o = matmul(a, w2t, sizes).astype(jnp.float32)
+    if b2 is not None:
+        o = o + b2[e_sorted]
+    o = o * topk_weights.reshape(-1)[order][:, None]
+    y = jnp.zeros((T, p.hidden), jnp.float32).at[order // k].add(o)
+    return y.astype(x.dtype)
+
+
+def _ragged(lhs, rhs, sizes):
+    return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+
+
+def _mosaic(lhs, rhs, sizes):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    n = rhs.shape[2]
+    bn = 128 if n % 128 == 0 else 64
+    return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=sizes, block_m=64, block_n=bn,
+                                      block_k=64, max_concurrent_steps=4, grid_block_n=1)
+
+
+def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str):
+    """name -> jitted fn(x, topk_weights[R], topk_ids[R]) running R layer calls."""
+    from . import api
+
+    def over_routings(layer):
+        def run(x, tws, idss):
+            return [layer(x, tws[r], idss[r]) for r in range(idss.shape[0])]
+        return jax.jit(run)
+
+    layers = {"ours": over_routings(lambda x, tw, ids: api.moe(
+        x, w, tw, ids, activation=p.activation, quant=quant, backend=backend))}
+    if "bf16_ragged_dot" in baselines or "mosaic_gpu_ragged_dot" in baselines:
+        w1t = jnp.swapaxes(formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16), 1, 2)
+        w2t = jnp.swapaxes(formats.dequantize_mxfp4(w.w2, w.w2_scale, jnp.bfloat16), 1, 2)
+        if "bf16_ragged_dot" in baselines:
+            layers["bf16_ragged_dot"] = over_routings(lambda x, tw, ids: _layer_dense(
+                x, tw, ids, w1t, w2t, w.b1, w.b2, p, _ragged))
+        if "mosaic_gpu_ragged_dot" in baselines and jax.default_backend() == "gpu":
+            layers["mosaic_gpu_ragged_dot"] = over_routings(lambda x, tw, ids: _layer_dense(
+                x, tw, ids, w1t, w2t, w.b1, w.b2, p, _mosaic))
+    if "mxfp4_dequant_ragged_dot" in baselines:
+        def dequant_layer(x, tw, ids):
+            w1t = jnp.swapaxes(formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16), 1, 2)
+            w2t = jnp.swapaxes(formats.dequantize_mxfp4(w.w2, w.w2_scale, jnp.bfloat16), 1, 2)
+            return _layer_dense(x, tw, ids, w1t, w2t, w.b1, w.b2, p, _ragged)
+        layers["mxfp4_dequant_ragged_dot"] = over_routings(dequant_layer)
+    return layers
+
+
+def _is_oom(e: Exception) -> bool:
+    s = str(e)
+    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() or "Out of memory" in s
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, warmup: int = 3,
+        baselines=BASELINES, backend: str = "auto", ceilings=None, log=print) -> dict:
+    p = PRESETS[preset]
+    dev = jax.devices()[0]
+    gpu = dev.platform == "gpu"
+    if ceilings is None:
+        bw = measure_bandwidth(4 << 30 if gpu else 64 << 20)
+        peak = measure_bf16_peak(8192 if gpu else 512)
+    else:
+        bw, peak = ceilings
+    header = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                  preset=preset, quant=quant, reps=reps, routings=routings,
+                  hbm_bytes_per_s=bw, bf16_flops_per_s=peak)
+    log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
+        f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
+    log(f"# preset {preset}: E={p.num_experts} k={p.top_k} H={p.hidden} I={p.intermediate} "
+        f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; median of {reps} reps x "
+        f"{routings} routings")
+    w = random_weights(p, jax.random.key(42))
+    rows = []
+    for T in tokens:
+        x = jax.random.normal(jax.random.key(T), (T, p.hidden), jnp.bfloat16)
+        ids, tw = random_routings(p, T, routings, seed=T)
+        nbytes = float(np.mean([touched_bytes(p, ids[r], T) for r in range(routings)]))
+        fl = flops(p, T)
+        roof = max(nbytes / bw, fl / peak)
+        row = dict(T=T, bytes=nbytes, flops=fl, roofline_s=roof, results={})
+        layers = make_layers(p, w, quant, baselines, backend)
+        ids_d, tw_d = jnp.asarray(ids), jnp.asarray(tw)
+        for name, fn in layers.items():
+            try:
+                times = _time(fn, x, tw_d, ids_d, reps=reps, warmup=warmup)
+                t = statistics.median(times) / routings
+                row["results"][name] = dict(status="ok", time_s=t, tb_s=nbytes / t / 1e12,
+                                            tflop_s=fl / t / 1e12, pct_roofline=100 * roof / t)
+            except Exception as e:  # a baseline that cannot run is reported, not fatal
+                status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
+                if name == "ours" and status != "OOM":
+                    raise
+                row["results"][name] = dict(status=status)
+        ours = row["results"].get("ours", {}).get("time_s")
+        for name, r in row["results"].items():
+            if name != "ours" and r.get("status") == "ok" and ours:
+                r["ratio_to_ours"] = r["time_s"] / ours
+        rows.append(row)
+        log(format_row(row))
+        del layers
+    return dict(header=header, rows=rows)
+
+
+def format_row(row) -> str:
+    parts = [f"T={row['T']:>6}  roofline {row['roofline_s'] * 1e6:9.1f} us"]
+    for name, r in row["results"].items():
+        if r["status"] != "ok":
+            parts.append(f"{name}: {r['status'].split(':')[0]}")
+            continue
+        s = f"{name}: {r['time_s'] * 1e6:9.1f} us {r['tb_s']:5.2f} TB/s {r['tflop_s']:6.1f} TF/s {r['pct_roofline']:5.1f}%"
+        if "ratio_to_ours" in r:
+            s += f" (x{r['ratio_to_ours']:.1f})"
+        parts.append(s)
+    return " | ".join(parts)
+
+
+def plot(results: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for res in results:
+        h = res["header"]
+        names = sorted({n for row in res["rows"] for n in row["results"]})
+        for name in names:
+            pts = [(row["T"], row["results"][name]) for row in res["rows"] if name in row["results"]]
+            pts = [(T, r) for T, r in pts if r["status"] == "ok"]
+            if not pts:
+                continue
+            label = f"{h['preset']} {h['quant']} {name}"
+            ax_t.plot([T for T, _ in pts], [r["time_s"] * 1e6 for _, r in pts], marker="o", label=label)
+            ax_p.plot([T for T, _ in pts], [r["pct_roofline"] for _, r in pts], marker="o", label=label)
+        ax_t.plot([row["T"] for row in res["rows"]], [row["roofline_s"] * 1e6 for row in res["rows"]],
+                  "k--", label=f"{h['preset']} roofline")
+    for ax, ylabel in ((ax_t, "time per layer call (us)"), (ax_p, "% of roofline")):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_p.legend(fontsize=7)
+    fig.suptitle(results[0]["header"]["device"] if results else "")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jax_mxfp4_moe.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="gpt-oss-120b", help=f"comma-separated; one of {sorted(PRESETS)}")
+    ap.add_argument("--tokens", default="1,8,64,512,4096,16384", help="comma-separated T values")
+    ap.add_argument("--quant", default="a16w4", help="comma-separated: a16w4, a8w4, a4w4")
+    ap.add_argument("--reps", type=int, default=20, help="timed reps (median reported)")
+    ap.add_argument("--routings", type=int, default=8, help="routings rotated inside one rep")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset, or 'none'")
+    ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, triton, flydsl)")
+    ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--plot", help="draw time and %% of roofline against T into this PNG")
+    a = ap.parse_args(argv)
+    presets = a.preset.split(",")
+    for name in presets:
+        if name not in PRESETS:
+            ap.error(f"--preset: unknown {name!r}; known: {sorted(PRESETS)}")
+    baselines = () if a.baselines == "none" else tuple(a.baselines.split(","))
+    for b in baselines:
+        if b not in BASELINES:
+            ap.error(f"--baselines: unknown {b!r}; known: {BASELINES}")
+    tokens = [int(t) for t in a.tokens.split(",")]
+    results, ceilings = [], None
+    for name in presets:
+        for quant in a.quant.split(","):
+            res = run(name, tokens, quant, reps=a.reps, routings=a.routings, warmup=a.warmup,
+                      baselines=baselines, backend=a.backend, ceilings=ceilings)
+            h = res["header"]
+            ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
+            results.append(res)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if a.plot:
+        plot(results, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
