@@ -8,9 +8,10 @@ everything else is JAX's own SPMD machinery inside `shard_map`:
   ``gather_scatter`` all-gathers tokens and routing, runs the local experts
   (the rest masked out with ``expert_mask``) and reduce-scatters the partial
   outputs back to the token owners; ``all_to_all`` sends each token once to
-  every device that owns one of its experts (a fixed per-destination
-  capacity, because `lax.ragged_all_to_all` has no CPU lowering), computes
-  there and sends the results back.
+  every device that owns one of its experts into fixed per-destination
+  blocks, computes there and sends the results back; on GPU only the used
+  rows of each block travel (`lax.ragged_all_to_all`, which XLA:CPU does not
+  lower), on CPU whole blocks (`lax.all_to_all`).
 - TP: the intermediate dim I split over ``tensor_axis`` on MX block
   boundaries; partial outputs summed with `psum`.
 
@@ -192,18 +193,33 @@ def capacity(tokens_per_device: int, top_k: int, devices: int,
     return max(1, min(tokens_per_device, c))
 
 
+def expected_rows_per_peer(tokens_per_device: int, top_k: int, devices: int,
+                           experts: int) -> float:
+    """Expected rows a device sends one peer in ragged all_to_all when each
+    token picks top_k distinct experts uniformly: tokens_per_device times
+    P(at least one of them among that peer's E/De) = 1 - C(E-E/De, k) / C(E, k)."""
+    e_l = experts // devices
+    miss = math.comb(experts - e_l, top_k) / math.comb(experts, top_k)
+    return tokens_per_device * (1.0 - miss)
+
+
 def comm_bytes(strategy: str, *, devices: int, tokens: int, top_k: int, hidden: int,
                dtype_bytes: int, tensor_devices: int = 1,
-               capacity_factor: float | None = None) -> dict[str, int]:
+               capacity_factor: float | None = None, ragged: bool = False,
+               experts: int | None = None) -> dict[str, int]:
     """Bytes one device sends to / receives from other devices per layer call.
 
     ``devices`` is the EP size De (1 for TP only), ``tensor_devices`` the TP
     size Dt, ``tokens`` the global T. Counts payload that leaves the device
     (its own block of a collective stays local); the all-reduce of TP is
     counted as reduce-scatter + all-gather, 2 (Dt-1)/Dt of its buffer.
-    Routing travels as int32 id + f32 weight per slot.
+    Routing travels as int32 id + f32 weight per slot. Dense all_to_all moves
+    its full capacity whatever the routing; ``ragged=True`` (GPU) moves only
+    the rows routed to each peer: the figure is the expectation under uniform
+    routing over ``experts`` (`expected_rows_per_peer`), plus the int32 row
+    counts exchanged first; its worst case is the dense figure.
     """
-    if strategy not in STRATEGIES and not (strategy == "tensor" and devices == 1):
+    if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     for name, v in (("devices", devices), ("tensor_devices", tensor_devices)):
         if v < 1:
@@ -217,24 +233,36 @@ def comm_bytes(strategy: str, *, devices: int, tokens: int, top_k: int, hidden: 
         # all_gather(x, ids, weights) + psum_scatter(y [T, H])
         ep = (devices - 1) * t_local * (row_in + row_out)
     else:
-        c = capacity(t_local, top_k, devices, capacity_factor)
-        ep = (devices - 1) * c * (row_in + row_out)
+        rows = capacity(t_local, top_k, devices, capacity_factor)
+        if ragged:
+            if experts is None:
+                raise ValueError("experts is needed for ragged all_to_all bytes")
+            rows = min(rows, expected_rows_per_peer(t_local, top_k, devices, experts))
+        ep = round((devices - 1) * rows * (row_in + row_out)) + ragged * (devices - 1) * 4
     # TP: psum of the [T_local, H] partial outputs (after the EP return)
     tp = 2 * (tensor_devices - 1) * t_local * row_out // tensor_devices
     return {"sent": ep + tp, "received": ep + tp}
 
 
 def choose_strategy(tokens: int, *, devices: int, top_k: int,
-                    capacity_factor: float | None = None) -> str:
-    """The "auto" rule: all_to_all only when each device holds at least
-    AUTO_MIN_TOKENS_PER_DEVICE tokens and it sends fewer bytes than
-    gather_scatter, which needs a capacity below the worst case
-    (capacity_factor * top_k < devices)."""
+                    capacity_factor: float | None = None, ragged: bool = False) -> str:
+    """The "auto" rule: gather_scatter below AUTO_MIN_TOKENS_PER_DEVICE
+    tokens per EP device; above it all_to_all where it moves fewer bytes:
+    always when ragged (GPU: only routed rows travel), with dense all_to_all
+    (CPU) only under a capacity below the worst case (capacity_factor * top_k
+    < devices), since at the worst case both move the same bytes."""
     t_local = -(-tokens // max(devices, 1))
     if devices == 1 or t_local < AUTO_MIN_TOKENS_PER_DEVICE:
         return "gather_scatter"
+    if ragged:
+        return "all_to_all"
     c = capacity(t_local, top_k, devices, capacity_factor)
     return "all_to_all" if c < t_local else "gather_scatter"
+
+
+def ragged_supported(mesh: Mesh) -> bool:
+    """`lax.ragged_all_to_all` lowers on GPU and TPU, not on XLA:CPU."""
+    return mesh.devices.flat[0].platform != "cpu"
 
 
 # --------------------------------------------------------------------------
@@ -253,9 +281,24 @@ def _ep_local_ids(ids, expert_axis, experts_per_device, num_experts):
     return dest, ids - dest * experts_per_device
 
 
+def _exchange(blocks, axis, fill, ragged, n_send, n_recv):
+    """blocks [De, C, ...]: block d to device d, received block s from device s.
+    Ragged: only the first n_send[d] rows of each block travel; the rest of a
+    received block holds ``fill`` (ids -1: routes nowhere)."""
+    if not ragged:
+        return jax.lax.all_to_all(blocks, axis, 0, 0, tiled=True)
+    de, c = blocks.shape[:2]
+    flat = blocks.reshape(de * c, *blocks.shape[2:])
+    offsets = jnp.arange(de, dtype=jnp.int32) * c
+    here = jnp.full((de,), jax.lax.axis_index(axis) * c, jnp.int32)
+    out = jax.lax.ragged_all_to_all(flat, jnp.full_like(flat, fill), offsets, n_send, here,
+                                    n_recv, axis_name=axis)
+    return out.reshape(blocks.shape)
+
+
 def moe(x, weights, topk_weights, topk_ids, *, mesh: Mesh, expert_axis: str | None = None,
         tensor_axis: str | None = None, strategy: str = "auto",
-        capacity_factor: float | None = None, **moe_kwargs):
+        capacity_factor: float | None = None, ragged: bool | None = None, **moe_kwargs):
     """`jax_mxfp4_moe.moe` over a device mesh; same arguments and result.
 
     ``weights`` come from `shard_weights` with the same mesh and axes.
@@ -267,6 +310,9 @@ def moe(x, weights, topk_weights, topk_ids, *, mesh: Mesh, expert_axis: str | No
     rows sent per destination (`capacity`); when given, the call returns
     ``(y, dropped)`` where ``dropped`` (int32) counts the (token, slot) pairs
     that did not fit and contributed nothing. Without it nothing can drop.
+    ``ragged`` (all_to_all): send only the routed rows with
+    `lax.ragged_all_to_all` instead of full capacity blocks with
+    `lax.all_to_all`; default `ragged_supported(mesh)`. Same result.
     Other keyword arguments go to the single-device `moe` on every shard.
     """
     import jax_mxfp4_moe  # the single-device layer; imported late (package init)
@@ -283,9 +329,11 @@ def moe(x, weights, topk_weights, topk_ids, *, mesh: Mesh, expert_axis: str | No
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights must have the shape of topk_ids {topk_ids.shape}, "
                          f"got {topk_weights.shape}")
+    if ragged is None:
+        ragged = ragged_supported(mesh)
     if strategy == "auto":
         strategy = choose_strategy(x.shape[0], devices=es, top_k=topk_ids.shape[1],
-                                   capacity_factor=capacity_factor)
+                                   capacity_factor=capacity_factor, ragged=ragged)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}")
     if capacity_factor is not None and strategy != "all_to_all":
@@ -362,11 +410,16 @@ def moe(x, weights, topk_weights, topk_ids, *, mesh: Mesh, expert_axis: str | No
         send_ids = ids_pad[src, :, jnp.arange(es)[:, None]]             # [De, C, k]
         tw_pad = jnp.concatenate([tw, jnp.zeros((1, k), tw.dtype)])
         send_tw = tw_pad[src]                                           # [De, C, k]
-        a2a = lambda a: jax.lax.all_to_all(a, expert_axis, 0, 0, tiled=True)
-        rx, rids, rtw = a2a(send_x), a2a(send_ids), a2a(send_tw)
+        # block d of each buffer goes to device d and lands in block `me` there
+        n_send = jnp.minimum(has.sum(axis=0), C).astype(jnp.int32)     # rows used per block
+        n_recv = jax.lax.all_to_all(n_send, expert_axis, 0, 0, tiled=True) if ragged else None
+        rx = _exchange(send_x, expert_axis, 0, ragged, n_send, n_recv)
+        rids = _exchange(send_ids, expert_axis, -1, ragged, n_send, n_recv)
+        rtw = _exchange(send_tw, expert_axis, 0, ragged, n_send, n_recv)
         z = local_moe(rx.reshape(es * C, H), rtw.reshape(es * C, k),
                       rids.reshape(es * C, k), w_arrays)
-        back = a2a(z.reshape(es, C, H)).reshape(es * C, H)
+        back = _exchange(z.reshape(es, C, H), expert_axis, 0, ragged, n_recv, n_send)
+        back = back.reshape(es * C, H)
         back = jnp.concatenate([back, jnp.zeros((1, H), back.dtype)])
         rows = jnp.where(keep, jnp.arange(es)[None, :] * C + pos, es * C)  # [T_l, De]
         y = back[rows].astype(jnp.float32).sum(axis=1).astype(xs.dtype)

@@ -24,7 +24,7 @@ def _case(name, **kw):
     base = dict(name=name, kind="compare", mesh=(4, 2), expert_axis="ep", tensor_axis="tp",
                 strategy="gather_scatter", T=13, k=4, quant="a16w4", activation="silu",
                 gate_up="separated", routing="random", dtype="float32", bias=True,
-                capacity_factor=None)
+                capacity_factor=None, ragged=None, backend=None)
     base.update(kw)
     return base
 
@@ -62,6 +62,24 @@ CASES = [
           T=64, k=2, capacity_factor=1.0),
     _case("hlo_bytes-1x8-tp_only", kind="hlo_bytes", mesh=(1, 8), expert_axis=None, T=16),
     _case("errors-4x2", kind="errors", gate_up="interleaved"),
+]
+
+
+# On GPUs (`parallel_checks.py --gpu`, 2 devices): the ragged all_to_all,
+# which XLA:CPU does not lower, against the dense one and the single device;
+# the local layer on the jnp path and on the platform's kernels.
+GPU_CASES = [
+    *[_case(f"gpu-2x1-{s}-{b}", mesh=(2, 1), strategy=s, ragged=r, backend=b, T=64,
+            dtype="bfloat16")
+      for s, r in (("gather_scatter", None), ("all_to_all", True), ("all_to_all", False))
+      for b in ("jnp", "auto")],
+    _case("gpu-1x2-tp-auto", mesh=(1, 2), expert_axis=None, backend="auto", T=64,
+          dtype="bfloat16"),
+    _case("gpu-2x1-uneven-ragged", mesh=(2, 1), strategy="all_to_all", ragged=True,
+          backend="jnp", routing="first_device", T=64, dtype="bfloat16"),
+    _case("gpu-2x1-capacity_drops-ragged", kind="capacity", mesh=(2, 1), strategy="all_to_all",
+          ragged=True, backend="jnp", routing="first_device", T=64, k=2, capacity_factor=0.5,
+          dtype="bfloat16"),
 ]
 
 
@@ -177,7 +195,8 @@ def run_case(c, cache):
     from jax_mxfp4_moe.weights import prepare_weights
 
     rng = np.random.default_rng(zlib.crc32(c["name"].encode()))
-    mesh = Mesh(np.array(jax.devices()[:DEVICES]).reshape(c["mesh"]), ("ep", "tp"))
+    n_dev = c["mesh"][0] * c["mesh"][1]
+    mesh = Mesh(np.array(jax.devices()[:n_dev]).reshape(c["mesh"]), ("ep", "tp"))
     ea, ta = c["expert_axis"], c["tensor_axis"]
     x, ids, tw = _tokens(c, np, rng)
     w1, w2, b1, b2 = _float_weights(np, c["bias"])
@@ -188,6 +207,8 @@ def run_case(c, cache):
     W = cache[wkey]
     dtype = jnp.dtype(c["dtype"])
     kw = dict(activation=c["activation"], quant=c["quant"])
+    if c["backend"] is not None:
+        kw["backend"] = c["backend"]
     out = {}
 
     if c["kind"] == "errors":
@@ -224,7 +245,7 @@ def run_case(c, cache):
     xs, tws, idss = put(jnp.asarray(x, dtype)), put(tw), put(ids)
     f = jax.jit(functools.partial(parallel.moe, mesh=mesh, expert_axis=ea, tensor_axis=ta,
                                   strategy=c["strategy"], capacity_factor=c["capacity_factor"],
-                                  **kw))
+                                  ragged=c["ragged"], **kw))
 
     if c["kind"] == "shards":
         # every device holds exactly its block; blocks hold the right values
@@ -281,19 +302,21 @@ def run_case(c, cache):
 
 
 def main() -> None:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={DEVICES}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    gpu = "--gpu" in sys.argv
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not gpu:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={DEVICES}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
     import traceback
 
     import jax
-    jax.config.update("jax_platforms", "cpu")
-    if len(jax.devices()) < DEVICES:
-        raise SystemExit(f"need {DEVICES} devices, got {jax.devices()}")
-    only = set(sys.argv[1:])
+    need = 2 if gpu else DEVICES
+    if len(jax.devices()) < need:
+        raise SystemExit(f"need {need} devices, got {jax.devices()}")
+    only = {a for a in sys.argv[1:] if not a.startswith("--")}
     results, cache = {}, {}
-    for c in CASES:
+    for c in GPU_CASES if gpu else CASES:
         if only and c["name"] not in only:
             continue
         try:
