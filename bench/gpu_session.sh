@@ -1,0 +1,45 @@
+#!/bin/bash
+# One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT.
+# usage: bench/gpu_session.sh STEP... (steps: build test test_all bench bench_full sanitize ncu)
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAX_MXFP4_MOE_CACHE_DIR=/tmp/jmcache XLA_PYTHON_CLIENT_PREALLOCATE=false
+cd "$(dirname "$0")/.."
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+      python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+      pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+      ;;
+    test)  # launcher + CUDA backend, small shapes
+      timeout 420 python3 -m pytest -q -x -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
+        -k "not presets" 2>&1 | tee "$OUT/test.log" | tail -25
+      ;;
+    test_all)
+      timeout 560 python3 -m pytest -q -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py 2>&1 \
+        | tee "$OUT/test_all.log" | tail -30
+      ;;
+    bench)
+      timeout 300 python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b --tokens 1,8,64 \
+        --json "$OUT/bench_quick.json" 2>&1 | grep -v Warn | tee "$OUT/bench_quick.log"
+      ;;
+    bench_full)
+      for q in a16w4 a8w4; do
+        timeout 280 python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b,deepseek-v3 --quant $q \
+          --tokens 1,8,64,512,4096,16384 --json "$OUT/bench_$q.json" 2>&1 | grep -v Warn \
+          | tee "$OUT/bench_$q.log"
+      done
+      ;;
+    sanitize)
+      timeout 500 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
+        tests/test_cuda_gpu.py -k "not presets and (sort or quantize or (moe_small and 7) or edge or nan)" \
+        2>&1 | tee "$OUT/memcheck.log" | tail -15
+      timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
+        tests/test_cuda_gpu.py -k "test_moe_small_matches_reference and a16w4-silu-separated-True-7" \
+        2>&1 | tee "$OUT/racecheck.log" | tail -8
+      ;;
+  esac
+done

@@ -1,0 +1,217 @@
+"""The CUDA backend on an H100/H200: Triton kernels launched by ffi.launch,
+compared with independent oracles (the NumPy reference, formats' NumPy
+quantisers, the jnp sort contract)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_mxfp4_moe import formats, reference, sorting
+from jax_mxfp4_moe.bench import PRESETS, random_weights
+from jax_mxfp4_moe.weights import MoEWeights
+
+import accuracy
+import moe_cases
+
+pytestmark = pytest.mark.gpu
+
+cuda = pytest.importorskip("jax_mxfp4_moe.backends.cuda")
+
+QUANTS = ("a16w4", "a8w4", "a4w4")
+ACTS = ("silu", "swiglu_oai")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_hopper():
+    if not cuda.available():
+        pytest.skip("needs a CUDA sm_90 GPU and the built FFI launcher")
+
+
+def run(x, w, tw, ids, **kw):
+    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, **kw))
+    return np.asarray(f(x, tw, ids).astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# Kernels one by one
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_quantize_kernel_bit_exact(fmt):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((37, 512)) * np.exp(rng.uniform(-20, 20, (37, 1)))).astype(np.float32)
+    x[5, :32] = 0.0                     # an all-zero block
+    x[6, 40] = np.inf                   # Inf -> NaN scale
+    x[7, 70] = np.nan                   # NaN -> NaN scale
+    x[8, 3] = 1e-40                     # denormal input
+    q, s = jax.jit(lambda v: cuda.quantize_mx(v, fmt))(jnp.asarray(x))
+    rq, rs = (formats.quantize_mxfp4_np if fmt == "mxfp4" else formats.quantize_mxfp8_np)(x)
+    np.testing.assert_array_equal(np.asarray(s), rs)
+    finite = np.setdiff1d(np.arange(37), [6, 7])  # elements of NaN-scale blocks carry no value
+    np.testing.assert_array_equal(np.asarray(q)[finite], rq[finite])
+
+
+def _sort_both(ids, tw, E, BM, mask=None):
+    m = None if mask is None else jnp.asarray(mask)
+    got = jax.jit(lambda i, w: cuda.sort(i, w, num_experts=E, block_m=BM, expert_mask=m))(
+        jnp.asarray(ids), jnp.asarray(tw))
+    want = sorting.moe_sort(jnp.asarray(ids), jnp.asarray(tw), num_experts=E, block_m=BM,
+                            expert_mask=m)
+    return [np.asarray(a) for a in got], [np.asarray(a) for a in want]
+
+
+@pytest.mark.parametrize("T,k,E,BM", [(1, 4, 128, 16), (7, 8, 256, 16), (64, 4, 32, 64),
+                                      (1000, 8, 256, 128), (3000, 8, 64, 32), (16384, 8, 256, 128)])
+def test_sort_kernel_matches_contract(T, k, E, BM):
+    rng = np.random.default_rng(T)
+    ids = rng.integers(-3, E + 3, (T, k)).astype(np.int32)  # some out of range
+    tw = rng.random((T, k)).astype(np.float32)
+    got, want = _sort_both(ids, tw, E, BM)
+    for name, g, w in zip(sorting.SortResult._fields, got, want):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+@pytest.mark.parametrize("T", [5, 3000])
+def test_sort_kernel_all_to_one_expert_and_mask(T):
+    rng = np.random.default_rng(1)
+    ids = np.full((T, 4), 3, np.int32)
+    got, want = _sort_both(ids, rng.random((T, 4)).astype(np.float32), 8, 16)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    mask = (rng.random(64) < 0.5).astype(np.int32)
+    ids = rng.integers(0, 64, (T, 4)).astype(np.int32)
+    got, want = _sort_both(ids, rng.random((T, 4)).astype(np.float32), 64, 32, mask)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+# ---------------------------------------------------------------------------
+# The whole layer, small shapes: every mode x layout x activation x bias
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gate_up", ["separated", "interleaved"])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("quant", QUANTS)
+def test_moe_small_matches_reference(quant, activation, gate_up, bias, T):
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias)
+    x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
+    ref = reference.moe(x, w, tw, ids, activation=activation, quant=quant)
+    for deterministic in (False, True):
+        y = run(x, w, tw, ids, activation=activation, quant=quant, deterministic=deterministic)
+        accuracy.assert_close(y, ref)
+
+
+def test_deterministic_variant_is_bitwise_repeatable():
+    shape = moe_cases.DEEPSEEK_LIKE
+    w = moe_cases.make_weights(shape)
+    x, tw, ids = moe_cases.make_tokens(shape, 200)
+    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="silu", quant="a16w4",
+                                            deterministic=True))
+    a = np.asarray(f(x, tw, ids))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, tw, ids)), a)
+
+
+def test_edge_routings_one_token_one_expert_out_of_range():
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape)
+    x, tw, ids = moe_cases.make_tokens(shape, 50)
+    cases = {
+        "all to one expert": jnp.full(ids.shape, 5, jnp.int32),
+        "out of range ids": ids.at[:, 1].set(-1).at[:, 2].set(shape.E + 7),
+        "no valid id": jnp.full(ids.shape, shape.E, jnp.int32),
+    }
+    for name, i in cases.items():
+        y = run(x, w, tw, i, activation="silu", quant="a16w4")
+        ref = reference.moe(x, w, tw, i, activation="silu", quant="a16w4")
+        if not np.any(ref):
+            assert not np.any(y), name
+        else:
+            accuracy.assert_close(y, ref)
+    y = run(x[:1], w, tw[:1], ids[:1], activation="silu", quant="a8w4")
+    accuracy.assert_close(y, reference.moe(x[:1], w, tw[:1], ids[:1], activation="silu", quant="a8w4"))
+
+
+def test_expert_mask_selects_local_experts():
+    shape = moe_cases.GPT_OSS_LIKE
+    full = moe_cases.make_weights(shape)
+    mask = np.zeros(shape.E, bool)
+    mask[[1, 4, 6]] = True
+    local = MoEWeights(*(None if a is None else a[mask] for a in
+                         (full.w1, full.w1_scale, full.w2, full.w2_scale, full.b1, full.b2)),
+                       num_experts=3, hidden=full.hidden, intermediate=full.intermediate,
+                       gate_up=full.gate_up)
+    x, tw, ids = moe_cases.make_tokens(shape, 40)
+    y = run(x, local, tw, ids, activation="silu", quant="a16w4", expert_mask=jnp.asarray(mask))
+    ids_masked = jnp.where(jnp.asarray(mask)[ids], ids, -1)
+    ref = reference.moe(x, full, tw, ids_masked, activation="silu", quant="a16w4")
+    accuracy.assert_close(y, ref)
+
+
+def test_nan_in_x_propagates_to_its_token_only():
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape)
+    x, tw, ids = moe_cases.make_tokens(shape, 9)
+    x = x.at[4, 17].set(jnp.nan)
+    for quant in QUANTS:
+        y = run(x, w, tw, ids, activation="silu", quant=quant)
+        assert np.isnan(y[4]).all(), quant
+        rest = np.delete(np.arange(9), 4)
+        assert np.isfinite(y[rest]).all(), quant
+
+
+def test_repeated_calls_under_one_jit_and_export_round_trip():
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up="interleaved")
+    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a16w4"))
+    for seed in range(4):  # new inputs each call: replays of a captured graph must see them
+        x, tw, ids = moe_cases.make_tokens(shape, 33, seed=seed)
+        accuracy.assert_close(np.asarray(f(x, tw, ids).astype(jnp.float32)),
+                              reference.moe(x, w, tw, ids, activation="swiglu_oai"))
+    from jax_mxfp4_moe import ffi
+    exp = jax.export.export(f, platforms=["cuda"],
+                            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(ffi.TARGET)])
+    x, tw, ids = moe_cases.make_tokens(shape, 33, seed=9)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, tw, ids)]
+    exported = exp(*args)
+    restored = jax.export.deserialize(exported.serialize())
+    y = np.asarray(restored.call(x, tw, ids).astype(jnp.float32))
+    np.testing.assert_array_equal(y, np.asarray(f(x, tw, ids).astype(jnp.float32)))
+
+
+# ---------------------------------------------------------------------------
+# Real model shapes (random weights), checked on sampled tokens
+# ---------------------------------------------------------------------------
+
+_PRESET_WEIGHTS = {}
+
+
+def _preset_weights(name):
+    if name not in _PRESET_WEIGHTS:
+        _PRESET_WEIGHTS.clear()  # one preset's weights on the GPU at a time
+        _PRESET_WEIGHTS[name] = random_weights(PRESETS[name], jax.random.key(7))
+    return _PRESET_WEIGHTS[name]
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 1000])
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("preset", ["gpt-oss-120b", "gpt-oss-20b", "deepseek-v3", "qwen3-30b-a3b"])
+def test_presets_match_reference_on_sampled_tokens(preset, quant, T):
+    p = PRESETS[preset]
+    w = _preset_weights(preset)
+    rng = np.random.default_rng(T)
+    x = jnp.asarray(rng.standard_normal((T, p.hidden)), jnp.bfloat16)
+    logits = rng.standard_normal((T, p.num_experts))
+    ids = jnp.asarray(np.argsort(-logits, -1)[:, :p.top_k].astype(np.int32))
+    tw = jnp.asarray(rng.random((T, p.top_k)).astype(np.float32))
+    y = run(x, w, tw, ids, activation=p.activation, quant=quant)
+    assert np.isfinite(y).all()
+    # The reference dequantises each touched expert in float64: check a few tokens.
+    rows = rng.choice(T, size=min(T, 2), replace=False)
+    ref = reference.moe(np.asarray(x)[rows], w, np.asarray(tw)[rows], np.asarray(ids)[rows],
+                        activation=p.activation, quant=quant)
+    accuracy.assert_close(y[rows], ref)
