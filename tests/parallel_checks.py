@@ -69,9 +69,15 @@ CASES = [
 # which XLA:CPU does not lower, against the dense one and the single device;
 # the local layer on the jnp path and on the platform's kernels.
 GPU_CASES = [
-    *[_case(f"gpu-2x1-{s}-{b}", mesh=(2, 1), strategy=s, ragged=r, backend=b, T=64,
+    # one GPU: the lowering of every path, the kernels inside shard_map
+    *[_case(f"gpu-1x1-{s}_ragged-{b}", mesh=(1, 1), strategy=s, ragged=r, backend=b, T=64,
             dtype="bfloat16")
-      for s, r in (("gather_scatter", None), ("all_to_all", True), ("all_to_all", False))
+      for s, r in (("gather_scatter", None), ("all_to_all", True)) for b in ("jnp", "auto")],
+    *[_case(f"gpu-2x1-{n}-{b}", mesh=(2, 1), strategy=s, ragged=r, backend=b, T=64,
+            dtype="bfloat16")
+      for n, s, r in (("gather_scatter", "gather_scatter", None),
+                      ("all_to_all_ragged", "all_to_all", True),
+                      ("all_to_all_dense", "all_to_all", False))
       for b in ("jnp", "auto")],
     _case("gpu-1x2-tp-auto", mesh=(1, 2), expert_axis=None, backend="auto", T=64,
           dtype="bfloat16"),
@@ -311,13 +317,18 @@ def main() -> None:
     import traceback
 
     import jax
-    need = 2 if gpu else DEVICES
+    need = 1 if gpu else DEVICES
     if len(jax.devices()) < need:
         raise SystemExit(f"need {need} devices, got {jax.devices()}")
     only = {a for a in sys.argv[1:] if not a.startswith("--")}
     results, cache = {}, {}
     for c in GPU_CASES if gpu else CASES:
         if only and c["name"] not in only:
+            continue
+        n_dev = c["mesh"][0] * c["mesh"][1]
+        if n_dev > len(jax.devices()):
+            results[c["name"]] = {"skipped": f"needs {n_dev} devices, "
+                                             f"{len(jax.devices())} present"}
             continue
         try:
             results[c["name"]] = run_case(c, cache)
