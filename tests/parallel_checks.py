@@ -70,9 +70,11 @@ CASES = [
 # the local layer on the jnp path and on the platform's kernels.
 GPU_CASES = [
     # one GPU: the lowering of every path, the kernels inside shard_map
-    *[_case(f"gpu-1x1-{s}_ragged-{b}", mesh=(1, 1), strategy=s, ragged=r, backend=b, T=64,
+    *[_case(f"gpu-1x1-{n}-{b}", mesh=(1, 1), strategy=s, ragged=r, backend=b, T=64,
             dtype="bfloat16")
-      for s, r in (("gather_scatter", None), ("all_to_all", True)) for b in ("jnp", "auto")],
+      for n, s, r in (("gather_scatter", "gather_scatter", None),
+                      ("all_to_all_ragged", "all_to_all", True))
+      for b in ("jnp", "auto")],
     *[_case(f"gpu-2x1-{n}-{b}", mesh=(2, 1), strategy=s, ragged=r, backend=b, T=64,
             dtype="bfloat16")
       for n, s, r in (("gather_scatter", "gather_scatter", None),
@@ -291,6 +293,9 @@ def run_case(c, cache):
         out.update(hlo_sent=measured, comm_bytes=cb, collectives=found)
         return out
 
+    if c["backend"] == "auto" and c["T"]:  # did the platform's kernels run?
+        hlo = f.lower(xs, sw, tws, idss).as_text()
+        out["kernels_in_hlo"] = "jax_mxfp4_moe_launch" in hlo
     single = jax.jit(functools.partial(jax_mxfp4_moe.moe, **kw))
     r = f(xs, sw, tws, idss)
     y, dropped = r if c["capacity_factor"] is not None else (r, None)
@@ -317,6 +322,11 @@ def main() -> None:
     import traceback
 
     import jax
+
+    from jax_mxfp4_moe import parallel
+    want = os.environ.get("PARALLEL_CHECKS_PACKAGE")
+    if want and os.path.abspath(parallel.__file__) != want:  # e.g. an editable install elsewhere
+        raise SystemExit(f"the subprocess imports {parallel.__file__}, the test {want}")
     need = 1 if gpu else DEVICES
     if len(jax.devices()) < need:
         raise SystemExit(f"need {need} devices, got {jax.devices()}")

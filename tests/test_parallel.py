@@ -33,7 +33,8 @@ BOUNDS = {("float32", "a16w4"): 1e-5, ("float32", "a8w4"): 1e-2,
 
 
 def _run_checks(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PARALLEL_CHECKS_PACKAGE=os.path.abspath(parallel.__file__))
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_checks.py"),
                            *args], capture_output=True, text=True, env=env, timeout=1500)
