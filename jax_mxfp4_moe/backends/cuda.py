@@ -123,12 +123,24 @@ def quantize_mx(x, fmt: str):
     return q, s
 
 
+def _quant_dequant(x, *, fp8: bool):
+    """x [T, H] -> its MXFP4/MXFP8 values as bf16 (exact), one pass."""
+    N, K = x.shape
+    br, bk = 4, 256
+    kern = kernel("mx_quant", "mx_quant_dequant", num_warps=4,
+                  x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name], BLOCK_R=br, BLOCK_K=bk, FP8=fp8)
+    (y,) = launch(kern, (-(-N // br), -(-K // bk), 1), [x, _ffi().Out(0), N, K],
+                  [jax.ShapeDtypeStruct((N, K), jnp.bfloat16)], name="mx_quant_dequant")
+    return y
+
+
 def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         deterministic=False, expert_mask=None, swiglu_alpha=1.702, swiglu_limit=7.0):
     if not supports(quant, activation):
         raise ValueError(f"quant/activation: no Triton kernels for {quant!r}/{activation!r}")
     ffi = _ffi()
     w = weights.canonical()
+    out_dtype = x.dtype
     T, H = x.shape
     K = topk_ids.shape[1]
     E, I = w.num_experts, w.intermediate
@@ -143,9 +155,13 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     fmt = _ACT_FORMAT[quant]
 
     g1 = cfg.gemm1
+    a_fmt = fmt
+    if fmt and not g1.fuse_x_quant:
+        x = _quant_dequant(x, fp8=fmt == 2)
+        a_fmt = 0
     k1 = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=1,
                 x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
-                BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=fmt, OUT_FMT=fmt,
+                BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt,
                 ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
                 HAS_BIAS=w.b1 is not None, SWAP=g1.swap, STAGES=g1.num_stages)
     (inter,) = launch(
@@ -168,4 +184,4 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,), name="moe_gemm2")
     if deterministic:
         acc = functools.reduce(lambda a, b: a + b, [acc[:, j] for j in range(K)])
-    return acc.astype(x.dtype)
+    return acc.astype(out_dtype)

@@ -56,6 +56,8 @@ _SIGNATURES = {
         run_ptr="*i32", T="i32", K="i32", E="i32", CHUNK="i32"),
     ("mx_quant", "mx_quant"): dict(
         x_ptr="*{x}", q_ptr="*u8", s_ptr="*u8", n_rows="i32", K="i32"),
+    ("mx_quant", "mx_quant_dequant"): dict(
+        x_ptr="*{x}", y_ptr="*bf16", n_rows="i32", K="i32"),
     ("moe_gemm", "moe_gemm1"): dict(
         x_ptr="*{x}", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
         nv_ptr="*i32", out_ptr="*bf16", T="i32", H="i32", I="i32", swiglu_alpha="fp32",
@@ -152,6 +154,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     split_k: int = 1  # gemm2 only
+    fuse_x_quant: bool = True  # gemm1 only: MX-quantise A as it loads (else a pre-pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,14 +167,18 @@ class MoEConfig:
 # Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
 # is the balanced expectation). Small r is weight-streaming (memory bound):
 # swap so that BM can be 16 with the weight tile on the MMA's 64-row side, and
-# narrow N tiles for many CTAs per expert. Large r is compute bound: BM=128
-# rows x 64 W rows per CTA with 8 warps (the largest tiles that compile
-# without local-memory spills with triton's dot_scaled upcast on sm_90a).
+# narrow N tiles for many CTAs per expert; x is MX-quantised as gemm1 loads it
+# (no extra launch). Large r is compute bound: BM=128 rows x 64 W rows per CTA
+# with 8 warps (the largest tiles that compile without local-memory spills
+# with triton's dot_scaled upcast on sm_90a, tests/test_cuda_compile.py), and
+# x is quantised once by a pre-pass instead of once per N tile (the fused
+# MXFP4 quantiser also spills at BM=128).
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2)
     (16, 16, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
-    (64, 64, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
-    (math.inf, 128, GemmConfig(32, 64, False, 8, 3), GemmConfig(64, 64, False, 8, 3)),
+    (64, 64, GemmConfig(32, 64, True, 8, 3), GemmConfig(64, 64, True, 8, 3)),
+    (math.inf, 128, GemmConfig(32, 64, False, 8, 3, fuse_x_quant=False),
+     GemmConfig(64, 64, False, 8, 3)),
 )
 
 

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .mx import apply_inverse_scale, clip_fp8, e2m1_code, e8m0_scale
+from .mx import apply_inverse_scale, clip_fp8, e2m1_code, e8m0_scale, mx_fake_quant
 
 
 @triton.jit
@@ -38,3 +38,16 @@ def mx_quant(x_ptr, q_ptr, s_ptr, n_rows, K,
     scols = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
     sok = row_ok[:, None] & (scols < K // 32)[None, :]
     tl.store(s_ptr + rows[:, None] * (K // 32) + scols[None, :], byte.to(tl.uint8), mask=sok)
+
+
+@triton.jit
+def mx_quant_dequant(x_ptr, y_ptr, n_rows, K,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+    """y = the values x [n_rows, K] takes in MXFP4/MXFP8, as bf16 (exact: an
+    fp4/fp8 element times a power of two fits bf16)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows < n_rows)[:, None] & (cols < K)[None, :]
+    offs = rows[:, None] * K + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, mx_fake_quant(x, BLOCK_R, BLOCK_K, FP8).to(tl.bfloat16), mask=ok)

@@ -1,0 +1,129 @@
+"""The CUDA backend's Triton kernels compile for sm_90a without a GPU: every
+shipped variant family, with tensor-core (HGMMA) instructions in the gemms and
+no local-memory spills; the whole pipeline lowers for the CUDA platform."""
+
+import collections
+import os
+import re
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton not installed")
+
+from jax_mxfp4_moe import codecache, sorting  # noqa: E402
+from jax_mxfp4_moe.backends import cuda, cuda_kernels  # noqa: E402
+from jax_mxfp4_moe.backends.cuda_kernels import _REGIMES, choose_config, kernel  # noqa: E402
+
+import moe_cases  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv(codecache.ENV_VAR, str(tmp_path_factory.mktemp("cuda_cache")))
+    cuda_kernels.get_kernel.cache_clear()
+    yield
+    cuda_kernels.get_kernel.cache_clear()
+    mp.undo()
+
+
+def sass_ops(k) -> collections.Counter:
+    """Opcode counts of the kernel's cubin (cuobjdump from the triton wheel)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = codecache.object_path(k.code_hash)
+    out = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    return collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", out, re.M))
+
+
+@pytest.mark.parametrize("regime", range(len(_REGIMES)))
+@pytest.mark.parametrize("fmt,act,interleaved,bias", [(0, 0, False, False), (1, 1, True, True),
+                                                     (2, 0, True, False)])
+def test_gemm1_variants_use_hgmma_without_spills(regime, fmt, act, interleaved, bias):
+    _, bm, g1, _ = _REGIMES[regime]
+    a_fmt = fmt if g1.fuse_x_quant else 0  # else x is quantised by mx_quant_dequant
+    k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=1, BM=bm, BN=g1.block_n,
+               BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act, INTERLEAVED=interleaved,
+               HAS_BIAS=bias, SWAP=g1.swap, STAGES=g1.num_stages)
+    ops = sass_ops(k)
+    assert ops["HGMMA"] > 0, ops
+    assert ops["LDL"] == 0 and ops["STL"] == 0, "local-memory spills"
+    assert k.block == (32 * g1.num_warps, 1, 1)
+    assert k.params[:8] == ("ptr",) * 8 and k.params[8:13] == ("i32", "i32", "i32", "f32", "f32")
+
+
+@pytest.mark.parametrize("regime", range(len(_REGIMES)))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gemm2_variants(regime, deterministic):
+    _, bm, _, g2 = _REGIMES[regime]
+    k = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=1, BM=bm, BN=g2.block_n,
+               BK=g2.block_k, SPLIT_K=1 if deterministic else 2, HAS_BIAS=not deterministic,
+               DETERMINISTIC=deterministic, SWAP=g2.swap, STAGES=g2.num_stages)
+    ops = sass_ops(k)
+    assert ops["HGMMA"] > 0, ops
+    assert ops["LDL"] == 0 and ops["STL"] == 0
+    # f32 reductions into y (RED/ATOM), not CAS loops; plain stores when deterministic.
+    red = sum(c for op, c in ops.items() if op.startswith(("RED", "ATOM")))
+    assert (red > 0) != deterministic, ops
+    assert ops["ATOMG"] == 0 or not any(op.startswith("ATOMG.E.CAS") for op in ops)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_quant_kernels_compile(fp8):
+    k = kernel("mx_quant", "mx_quant", num_warps=4, x_dtype="fp32", BLOCK_R=4, BLOCK_K=256, FP8=fp8)
+    assert k.params[:5] == ("ptr", "ptr", "ptr", "i32", "i32")
+    k = kernel("mx_quant", "mx_quant_dequant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=fp8)
+    assert k.params[:4] == ("ptr", "ptr", "i32", "i32")
+
+
+@pytest.mark.parametrize("T,expected_launches", [(1, 1 + 2), (5000, 3 + 1 + 2)])
+def test_pipeline_lowers_for_cuda(T, expected_launches):
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up="interleaved")
+    x = jnp.zeros((T, shape.H), jnp.bfloat16)
+    tw = jnp.zeros((T, shape.k), jnp.float32)
+    ids = jnp.zeros((T, shape.k), jnp.int32)
+    f = lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a4w4",
+                                    expert_mask=None)
+    text = jax.jit(f).trace(x, tw, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("jax_mxfp4_moe_launch") == expected_launches  # sort, [x quant,] gemm1, gemm2
+
+
+def test_config_table_properties():
+    for T in (1, 8, 64, 512, 4096, 16384):
+        for (k, E, H, I) in ((4, 128, 2880, 2880), (8, 256, 7168, 2048), (8, 128, 2048, 768)):
+            for det in (False, True):
+                c = choose_config(T, k, E, H, I, deterministic=det)
+                assert c.block_m in sorting.BLOCK_SIZES
+                for g in (c.gemm1, c.gemm2):
+                    assert g.block_k % 32 == 0
+                    # the weight tile is the MMA's M side when swapped: >= 64 rows
+                    rows = 2 * g.block_n if g is c.gemm1 else g.block_n
+                    assert not g.swap or rows >= 64
+                assert c.gemm1.block_n % 32 == 0  # MX blocks of the intermediate stay in one CTA
+                assert c.gemm2.split_k >= 1 and (c.gemm2.split_k == 1 or not det)
+    # decode streams weights: small BM, swapped operands, split-K for enough CTAs
+    c = choose_config(1, 4, 128, 2880, 2880, deterministic=False)
+    assert c.block_m == 16 and c.gemm1.swap and c.gemm2.split_k > 1
+
+
+def test_missing_compiler_and_cache_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv(codecache.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(cuda_kernels, "_triton_version", lambda: None)
+    cuda_kernels.get_kernel.cache_clear()
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=False)
+    cuda_kernels.get_kernel.cache_clear()
+
+
+def test_ready_cache_serves_without_triton(monkeypatch, tmp_path):
+    monkeypatch.setenv(codecache.ENV_VAR, str(tmp_path))
+    cuda_kernels.get_kernel.cache_clear()
+    a = kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
+    monkeypatch.setattr(cuda_kernels, "_triton_version", lambda: None)
+    cuda_kernels.get_kernel.cache_clear()
+    b = kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
+    assert a == b
+    cuda_kernels.get_kernel.cache_clear()
