@@ -12,7 +12,7 @@ for step in "$@"; do
     build)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
       python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())" | tee -a "$OUT/device.txt"
-      pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+      python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
       ;;
     test)  # launcher + CUDA backend, small shapes
       timeout 420 python3 -m pytest -q -x -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
