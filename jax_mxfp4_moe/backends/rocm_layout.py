@@ -11,6 +11,9 @@ way.  ``unpack`` inverts ``pack`` exactly (padding dropped).
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from .. import layouts
@@ -44,37 +47,51 @@ def _pad(a, rows, cols):
     return jnp.pad(a, ((0, 0), (0, rows - a.shape[1]), (0, cols - a.shape[2])))
 
 
+@functools.partial(jax.jit, static_argnames=("num_experts", "hidden", "intermediate"))
+def _pack(canon, *, num_experts, hidden, intermediate):
+    Hp, Ip = ix.padded_dims(hidden, intermediate)
+    w1, w1s = shuffle(_pad(canon["w1"], 2 * Ip, Hp // 2), _pad(canon["w1_scale"], 2 * Ip, Hp // ix.MX_BLOCK))
+    w2, w2s = shuffle(_pad(canon["w2"], Hp, Ip // 2), _pad(canon["w2_scale"], Hp, Ip // ix.MX_BLOCK))
+    out = {"w1": w1, "w1_scale": w1s, "w2": w2, "w2_scale": w2s}
+    if "b1" in canon:
+        b1 = jnp.asarray(canon["b1"], jnp.float32)
+        out["b1"] = jnp.pad(b1, ((0, 0), (0, 2 * Ip - b1.shape[1])))
+    if "b2" in canon:
+        b2 = jnp.asarray(canon["b2"], jnp.float32)
+        out["b2"] = jnp.pad(b2, ((0, 0), (0, Hp - b2.shape[1])))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "hidden", "intermediate"))
+def _unpack(arrays, *, num_experts, hidden, intermediate):
+    H, I = hidden, intermediate
+    w1, w1s = unshuffle(jnp.asarray(arrays["w1"]), jnp.asarray(arrays["w1_scale"]))
+    w2, w2s = unshuffle(jnp.asarray(arrays["w2"]), jnp.asarray(arrays["w2_scale"]))
+    out = {
+        "w1": w1[:, : 2 * I, : H // 2],
+        "w1_scale": w1s[:, : 2 * I, : H // ix.MX_BLOCK],
+        "w2": w2[:, :H, : I // 2],
+        "w2_scale": w2s[:, :H, : I // ix.MX_BLOCK],
+    }
+    if "b1" in arrays:
+        out["b1"] = jnp.asarray(arrays["b1"])[:, : 2 * I]
+    if "b2" in arrays:
+        out["b2"] = jnp.asarray(arrays["b2"])[:, :H]
+    return out
+
+
 class Gfx950Layout:
+    """Registered layout object; pack/unpack are jitted (one compile per shape)."""
+
     name = NAME
 
     def pack(self, canon, *, num_experts, hidden, intermediate):
-        Hp, Ip = ix.padded_dims(hidden, intermediate)
-        w1, w1s = shuffle(_pad(canon["w1"], 2 * Ip, Hp // 2), _pad(canon["w1_scale"], 2 * Ip, Hp // ix.MX_BLOCK))
-        w2, w2s = shuffle(_pad(canon["w2"], Hp, Ip // 2), _pad(canon["w2_scale"], Hp, Ip // ix.MX_BLOCK))
-        out = {"w1": w1, "w1_scale": w1s, "w2": w2, "w2_scale": w2s}
-        if canon.get("b1") is not None:
-            b1 = jnp.asarray(canon["b1"], jnp.float32)
-            out["b1"] = jnp.pad(b1, ((0, 0), (0, 2 * Ip - b1.shape[1])))
-        if canon.get("b2") is not None:
-            b2 = jnp.asarray(canon["b2"], jnp.float32)
-            out["b2"] = jnp.pad(b2, ((0, 0), (0, Hp - b2.shape[1])))
-        return out
+        canon = {k: v for k, v in canon.items() if v is not None}
+        return _pack(canon, num_experts=num_experts, hidden=hidden, intermediate=intermediate)
 
     def unpack(self, arrays, *, num_experts, hidden, intermediate):
-        H, I = hidden, intermediate
-        w1, w1s = unshuffle(jnp.asarray(arrays["w1"]), jnp.asarray(arrays["w1_scale"]))
-        w2, w2s = unshuffle(jnp.asarray(arrays["w2"]), jnp.asarray(arrays["w2_scale"]))
-        out = {
-            "w1": w1[:, : 2 * I, : H // 2],
-            "w1_scale": w1s[:, : 2 * I, : H // ix.MX_BLOCK],
-            "w2": w2[:, :H, : I // 2],
-            "w2_scale": w2s[:, :H, : I // ix.MX_BLOCK],
-        }
-        if arrays.get("b1") is not None:
-            out["b1"] = jnp.asarray(arrays["b1"])[:, : 2 * I]
-        if arrays.get("b2") is not None:
-            out["b2"] = jnp.asarray(arrays["b2"])[:, :H]
-        return out
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+        return _unpack(arrays, num_experts=num_experts, hidden=hidden, intermediate=intermediate)
 
 
 LAYOUT = Gfx950Layout()

@@ -122,13 +122,13 @@ def _mfma(a_vals, a_scale, b_vals, b_scale):
     """One 16x16x128 scaled MFMA from lane operands; returns acc [lanes, 4]."""
     A = np.zeros((ix.MFMA_M, ix.MFMA_K))
     B = np.zeros((ix.MFMA_K, ix.MFMA_N))
-    j = np.arange(ix.K_PER_LANE)
-    for l in _LANES:
-        A[ix.operand_row(l), ix.operand_k(l, j)] = a_vals[l] * _scale(a_scale[l])
-        B[ix.operand_k(l, j), ix.operand_row(l)] = b_vals[l] * _scale(b_scale[l])
-    C = A @ B
-    i = np.arange(4)
-    return np.stack([C[ix.result_row(l, i), ix.result_col(l)] for l in _LANES])
+    lane = _LANES[:, None]
+    j = np.arange(ix.K_PER_LANE)[None, :]
+    A[ix.operand_row(lane), ix.operand_k(lane, j)] = a_vals * _scale(a_scale)[:, None]
+    B[ix.operand_k(lane, j), ix.operand_row(lane)] = b_vals * _scale(b_scale)[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        C = A @ B
+    return C[ix.result_row(lane, np.arange(4)[None, :]), ix.result_col(lane)]
 
 
 def _mainloop(a_flat, as_flat, a_row_off, as_row_off, fmt, w_flat, ws_flat, nb, kblocks):
@@ -194,17 +194,18 @@ def gemm1_model(xq, xs, w1, w1_scale, b1, sorted_ids, sorted_expert_ids, num_val
                         bias = 0.0 if b1 is None else np.asarray(b1[eid], np.float64)[t_row + ix.result_col(_LANES)]
                         for i in range(4):
                             pre[s * ix.MFMA_M + ix.result_row(_LANES, i), t_col + ix.result_col(_LANES)] = acc[:, i] + bias
-            for tid in range(ix.BM * ix.BN // ix.MX_BLOCK):
-                r, jb = ix.epilogue_block(tid)
-                j = jb * ix.MX_BLOCK + np.arange(ix.MX_BLOCK)
-                gc, uc = ix.gemm1_lds_gate_up(j, gate_up)
-                h = _act(pre[r, gc], pre[r, uc], activation, swiglu_alpha, swiglu_limit)
-                h = np.where(c0 + j < intermediate, h, 0.0).astype(np.float32)
-                q, sc = _quantize(h, fmt)
-                nb = q.size
-                ocol = c0 // ix.MX_BLOCK + jb
-                inter[row0 + r, ocol * nb : (ocol + 1) * nb] = q
-                inter_s[row0 + r, ocol] = sc[0]
+            tid = np.arange(ix.BM * ix.BN // ix.MX_BLOCK)[:, None]
+            r, jb = ix.epilogue_block(tid)
+            j = jb * ix.MX_BLOCK + np.arange(ix.MX_BLOCK)[None, :]
+            gc, uc = ix.gemm1_lds_gate_up(j, gate_up)
+            h = _act(pre[r, gc], pre[r, uc], activation, swiglu_alpha, swiglu_limit)
+            h = np.where(c0 + j < intermediate, h, 0.0).astype(np.float32)
+            q, sc = _quantize(h, fmt)  # [threads, bytes], [threads, 1]
+            nb = q.shape[1]
+            ocol = c0 // ix.MX_BLOCK + jb[:, 0]
+            for t in range(len(ocol)):
+                inter[row0 + r[t, 0], ocol[t] * nb:(ocol[t] + 1) * nb] = q[t]
+                inter_s[row0 + r[t, 0], ocol[t]] = sc[t, 0]
     return inter, inter_s
 
 
@@ -240,19 +241,23 @@ def gemm2_model(inter, inter_s, w2, w2_scale, b2, sorted_ids, sorted_weights, so
                         for i in range(4):
                             out[s * ix.MFMA_M + ix.result_row(_LANES, i),
                                 wave * ix.WAVE_N + t * ix.MFMA_N + ix.result_col(_LANES)] = acc[:, i]
-            for tid in range(ix.G2_THREADS):
-                for it in range(ix.G2_PAIRS // ix.G2_THREADS):
-                    r, col = ix.gemm2_pair(tid, it)
-                    token = sid[row0 + r] & 0xFFFFFF
-                    if token >= tokens:
-                        continue
-                    v = out[r, col : col + 2].astype(np.float32)
-                    if b2 is not None:
-                        v = v + np.asarray(b2[eid], np.float32)[c0 + col : c0 + col + 2]
-                    v = (v * np.float32(sorted_weights[row0 + r])).astype(ml_dtypes.bfloat16)
-                    y[token, c0 + col : c0 + col + 2] = (
-                        y[token, c0 + col : c0 + col + 2].astype(np.float32) + v.astype(np.float32)
-                    ).astype(ml_dtypes.bfloat16)
+            tid = np.arange(ix.G2_THREADS)
+            pairs = [ix.gemm2_pair(tid, it) for it in range(ix.G2_PAIRS // ix.G2_THREADS)]
+            rows = np.concatenate([p[0] for p in pairs])
+            cols = np.concatenate([p[1] for p in pairs])
+            # each (row, column pair) of the tile is added by exactly one thread
+            assert len(set(zip(rows.tolist(), cols.tolist()))) == ix.G2_PAIRS
+            v = np.zeros((ix.BM, ix.BN), np.float32)
+            v[rows, cols] = out[rows, cols]
+            v[rows, cols + 1] = out[rows, cols + 1]
+            if b2 is not None:
+                v = v + np.asarray(b2[eid], np.float32)[c0:c0 + ix.BN]
+            v = (v * np.asarray(sorted_weights, np.float32)[row0:row0 + ix.BM, None]).astype(ml_dtypes.bfloat16)
+            for r in range(ix.BM):  # one atomic bf16 add per element, row by row
+                token = sid[row0 + r] & 0xFFFFFF
+                if token < tokens:
+                    y[token, c0:c0 + ix.BN] = (y[token, c0:c0 + ix.BN].astype(np.float32)
+                                               + v[r].astype(np.float32)).astype(ml_dtypes.bfloat16)
     return y.astype(np.float32)
 
 

@@ -1,0 +1,214 @@
+"""Host-side checks of the gfx950 backend (no flydsl, no GPU): the weight
+pre-shuffle, the code-object metadata reader, the sort kernel's algorithm
+against the jnp sorter, grids, and the functional model of the kernels'
+index math against the NumPy reference."""
+
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import accuracy
+import moe_cases
+from jax_mxfp4_moe import layouts, reference, sorting
+from jax_mxfp4_moe.backends import rocm_elf, rocm_index as ix, rocm_layout, rocm_tile
+
+
+# ------------------------------------------------------------ pre-shuffle
+@pytest.mark.parametrize("N,K", [(16, 128), (48, 256), (32, 384)])
+def test_tile_source_is_a_bijection(N, K):
+    seen = set()
+    for nb in range(N // 16):
+        for kb in range(K // 128):
+            for lane in range(64):
+                row, byte, scol = ix.tile_source(nb, kb, lane)
+                for j in range(16):
+                    seen.add((row, byte + j))
+                assert scol == (byte * 2) // 32  # the scale of the lane's 32 elements
+    assert seen == {(r, b) for r in range(N) for b in range(K // 2)}
+
+
+def test_shuffle_places_each_lane_slot_from_tile_source():
+    rng = np.random.default_rng(0)
+    E, N, K = 2, 32, 256
+    w = rng.integers(0, 256, (E, N, K // 2), dtype=np.uint8)
+    s = rng.integers(0, 256, (E, N, K // 32), dtype=np.uint8)
+    wt, st = (np.asarray(a) for a in rocm_layout.shuffle(jnp.asarray(w), jnp.asarray(s)))
+    flat_w = wt.reshape(E, -1)
+    flat_s = st.reshape(E, -1)
+    kblocks = K // 128
+    for nb in range(N // 16):
+        for kb in range(kblocks):
+            for lane in range(64):
+                row, byte, scol = ix.tile_source(nb, kb, lane)
+                off = ix.tile_offset(nb, kb, lane, kblocks)
+                np.testing.assert_array_equal(flat_w[:, off:off + 16], w[:, row, byte:byte + 16])
+                assert (flat_s[:, ix.tile_scale_offset(nb, kb, lane, kblocks)] == s[:, row, scol]).all()
+
+
+@pytest.mark.parametrize("H,I,bias", [(256, 256, True), (160, 96, False), (2880 // 9, 2880 // 9, True)])
+def test_layout_pack_unpack_round_trip(H, I, bias):
+    rng = np.random.default_rng(1)
+    E = 3
+    canon = {
+        "w1": rng.integers(0, 256, (E, 2 * I, H // 2), dtype=np.uint8),
+        "w1_scale": rng.integers(0, 256, (E, 2 * I, H // 32), dtype=np.uint8),
+        "w2": rng.integers(0, 256, (E, H, I // 2), dtype=np.uint8),
+        "w2_scale": rng.integers(0, 256, (E, H, I // 32), dtype=np.uint8),
+    }
+    if bias:
+        canon["b1"] = rng.standard_normal((E, 2 * I)).astype(np.float32)
+        canon["b2"] = rng.standard_normal((E, H)).astype(np.float32)
+    lay = layouts.get("gfx950")
+    dims = dict(num_experts=E, hidden=H, intermediate=I)
+    packed = lay.pack({k: jnp.asarray(v) for k, v in canon.items()}, **dims)
+    Hp, Ip = ix.padded_dims(H, I)
+    assert packed["w1"].shape == (E, 2 * Ip // 16, Hp // 128, 64, 16)
+    assert packed["w2_scale"].shape == (E, Hp // 16, Ip // 128, 64)
+    back = lay.unpack(packed, **dims)
+    assert set(back) == set(canon)
+    for k in canon:
+        np.testing.assert_array_equal(np.asarray(back[k]), canon[k], err_msg=k)
+    # padding is zeros (so padded K contributes nothing and padded rows are zero)
+    w1_full, _ = rocm_layout.unshuffle(packed["w1"], packed["w1_scale"])
+    assert not np.asarray(w1_full)[:, 2 * I:].any() and not np.asarray(w1_full)[:, :, H // 2:].any()
+
+
+def test_moeweights_to_gfx950_and_back():
+    w = moe_cases.make_weights(moe_cases.Shape("s", E=2, k=1, H=96, I=64), gate_up="interleaved")
+    g = w.to_layout("gfx950")
+    assert g.layout == "gfx950"
+    c = g.canonical()
+    for k, v in w.arrays().items():
+        np.testing.assert_array_equal(np.asarray(getattr(c, k)), np.asarray(v), err_msg=k)
+
+
+# ------------------------------------------------------ metadata reader
+def _mp_str(s):
+    b = s.encode()
+    return bytes([0xA0 | len(b)]) + b if len(b) < 32 else b"\xd9" + bytes([len(b)]) + b
+
+
+def test_msgpack_reader_decodes_the_amdgpu_types():
+    blob = (b"\x84" + _mp_str("amdhsa.kernels") + b"\x91\x83" + _mp_str(".name") + _mp_str("k")
+            + _mp_str(".args") + b"\x92\x82" + _mp_str(".offset") + b"\x00" + _mp_str(".size") + b"\x08"
+            + b"\x82" + _mp_str(".offset") + b"\x08" + _mp_str(".size") + b"\x04"
+            + _mp_str(".vgpr_count") + b"\xcd\x01\x00"
+            + _mp_str("neg") + b"\xff" + _mp_str("flag") + b"\xc3"
+            + _mp_str("version") + b"\x92\x01\x02")
+    out = rocm_elf.msgpack_loads(blob)
+    assert out == {"amdhsa.kernels": [{".name": "k", ".args": [{".offset": 0, ".size": 8},
+                                                               {".offset": 8, ".size": 4}],
+                                       ".vgpr_count": 256}],
+                   "neg": -1, "flag": True, "version": [1, 2]}
+    with pytest.raises(ValueError):
+        rocm_elf.msgpack_loads(blob[:-1])
+
+
+def test_elf_reader_rejects_non_amdgpu_objects():
+    with pytest.raises(ValueError, match="ELF"):
+        rocm_elf.kernel_metadata(b"not an elf")
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<H", header, 18, 62)  # EM_X86_64
+    with pytest.raises(ValueError, match="EM_AMDGPU"):
+        rocm_elf.kernel_metadata(bytes(header))
+
+
+def test_hidden_kernel_arguments_are_refused():
+    md = {".name": "k", ".kernarg_segment_size": 16,
+          ".args": [{".offset": 0, ".size": 8, ".value_kind": "global_buffer"},
+                    {".offset": 8, ".size": 8, ".value_kind": "hidden_block_count_x"}]}
+    with pytest.raises(ValueError, match="hidden"):
+        rocm_elf.kernarg_offsets(md)
+
+
+# ------------------------------------------------------------------ sort
+SORT_CASES = [
+    # T, k, E, mask
+    (1, 4, 128, None),
+    (7, 8, 256, None),
+    (64, 4, 16, None),
+    (300, 2, 8, None),
+    (50, 3, 12, "half"),
+    (0, 2, 4, None),
+]
+
+
+@pytest.mark.parametrize("T,k,E,mask", SORT_CASES)
+def test_sort_kernel_model_equals_jnp_sorter(T, k, E, mask):
+    rng = np.random.default_rng(T * 31 + E)
+    ids = rng.integers(-2, E + 3, (T, k)).astype(np.int32)  # includes out-of-range ids
+    wts = rng.random((T, k)).astype(np.float32)
+    expert_mask = None if mask is None else (np.arange(E) % 2 == 0).astype(np.int32)
+    got = rocm_tile.sort_model(ids, wts, num_experts=E, block_m=ix.BM, expert_mask=expert_mask)
+    want = sorting.moe_sort(jnp.asarray(ids), jnp.asarray(wts), num_experts=E, block_m=ix.BM,
+                            expert_mask=None if expert_mask is None else jnp.asarray(expert_mask))
+    names = ("sorted_token_ids", "sorted_weights", "sorted_expert_ids", "num_valid")
+    for name, g, w in zip(names, got, want):
+        np.testing.assert_array_equal(g, np.asarray(w), err_msg=name)
+
+
+def test_sort_model_contract_invariants():
+    T, k, E, BM = 40, 4, 8, ix.BM
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, E, (T, k)).astype(np.int32)
+    ids[3, 1] = E  # dropped
+    sid, sw, se, nv = rocm_tile.sort_model(ids, np.ones((T, k), np.float32), num_experts=E, block_m=BM)
+    assert len(sid) == sorting.sorted_size(T, k, E, BM) and nv[1] == T and nv[0] % BM == 0
+    valid = sid[: nv[0]] != ((k << 24) | T)
+    entries = sid[: nv[0]][valid]
+    assert len(entries) == T * k - 1 and len(set(entries.tolist())) == len(entries)
+    tok, slot = entries & 0xFFFFFF, entries >> 24
+    assert (ids[tok, slot] == np.repeat(se[: nv[0] // BM], BM)[valid]).all()
+    assert (se[nv[0] // BM:] == -1).all() and (sw[: nv[0]][~valid] == 0).all()
+
+
+# ----------------------------------------------------------------- grids
+@pytest.mark.parametrize("T,k,E", [(1, 4, 128), (1000, 8, 256), (7, 2, 3)])
+def test_grids_cover_the_work(T, k, E):
+    Hp, Ip = ix.padded_dims(2880, 2880)
+    nblocks = sorting.num_blocks(T, k, E, ix.BM)
+    assert nblocks * ix.BM >= sorting.sorted_size(T, k, E, ix.BM) > (nblocks - 1) * ix.BM
+    assert ix.gemm1_grid(nblocks, Ip) == (nblocks, Ip // ix.BN, 1)
+    assert ix.gemm2_grid(nblocks, Hp) == (nblocks, Hp // ix.BN, 1)
+    g = ix.quant_grid(T, Hp)[0]
+    assert g * ix.QUANT_BLOCK >= T * Hp // 32 > (g - 1) * ix.QUANT_BLOCK
+    assert (Hp, Ip) == (2944, 2944) and ix.padded_dims(7168, 2048) == (7168, 2048)
+
+
+# ------------------------------------------------- functional tile model
+MODEL_CASES = [
+    # shape, gate_up, activation, quant, bias
+    (moe_cases.Shape("pad", E=4, k=2, H=160, I=96), "interleaved", "swiglu_oai", "a4w4", True),
+    (moe_cases.Shape("pad", E=4, k=2, H=160, I=96), "separated", "silu", "a8w4", False),
+    (moe_cases.Shape("even", E=4, k=3, H=256, I=128), "separated", "swiglu_oai", "a8w4", True),
+    (moe_cases.Shape("even", E=4, k=3, H=256, I=128), "interleaved", "silu", "a4w4", False),
+]
+
+
+@pytest.mark.parametrize("shape,gate_up,activation,quant,bias", MODEL_CASES)
+def test_kernel_model_matches_reference(shape, gate_up, activation, quant, bias):
+    w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias)
+    x, tw, ti = moe_cases.make_tokens(shape, 9)
+    ti = np.asarray(ti).copy()
+    ti[0, 0] = shape.E + 1  # an id that is "not here"
+    y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), ti,
+                            quant=quant, activation=activation)
+    ref = reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation=activation)
+    accuracy.assert_close(y, ref)
+
+
+def test_kernel_model_catches_a_wrong_lane_to_k_mapping(monkeypatch):
+    """Negative control: a plausible indexing bug must fail the same bound."""
+    shape = moe_cases.Shape("even", E=2, k=2, H=256, I=128)
+    w = moe_cases.make_weights(shape, gate_up="separated", bias=False)
+    x, tw, ti = moe_cases.make_tokens(shape, 4)
+    ref = reference.moe(np.asarray(x), w, tw, ti, quant="a8w4", activation="silu")
+    monkeypatch.setattr(ix, "operand_kblock", lambda lane: (lane // 16 + 1) % 4)
+    monkeypatch.setattr(ix, "operand_k", lambda lane, j: ((lane // 16 + 1) % 4) * 32 + j)
+    y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), np.asarray(ti),
+                            quant="a8w4", activation="silu")
+    with pytest.raises(AssertionError):
+        accuracy.assert_close(y, ref)
