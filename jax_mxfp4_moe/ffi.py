@@ -388,6 +388,13 @@ def dry_run(kernel: Kernel, grid, args: Sequence[Any], out_types, *,
     return list(results[:-1]), results[-1]
 
 
+def export_disabled_checks() -> list:
+    """The ``disabled_checks`` ``jax.export.export`` needs for functions that
+    launch through this target (it is not on jax's list of stable custom
+    calls; the call's ABI is this package's, versioned with it)."""
+    return [jax.export.DisabledSafetyCheck.custom_call(TARGET)]
+
+
 def _register() -> None:
     if _launcher is None:
         return

@@ -243,9 +243,8 @@ def test_handler_error_names_the_kernel_and_process_continues(on_cpu):
 # --------------------------------------------------------------------------
 
 def exported_text(fn, *avals):
-    exp = jax.export.export(
-        jax.jit(fn), platforms=["cuda", "rocm"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(ffi.TARGET)])(*avals)
+    exp = jax.export.export(jax.jit(fn), platforms=["cuda", "rocm"],
+                            disabled_checks=ffi.export_disabled_checks())(*avals)
     return exp.mlir_module()
 
 
@@ -276,6 +275,25 @@ def test_lowers_for_cuda_and_rocm_with_attributes_and_without_code_bytes(tmp_pat
     # The code object is named, never embedded.
     assert code[4:40].hex() not in text.lower()
     assert len(text) < 8000
+
+
+def test_serialized_export_names_the_code_object_only(tmp_path, monkeypatch):
+    pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
+    monkeypatch.setenv("JAX_MXFP4_MOE_CACHE_DIR", str(tmp_path))
+    code = os.urandom(4096)
+    k = ffi.Kernel(ffi.store_code_object(code), "k", params=("ptr", "ptr"))
+
+    def f(x):
+        return ffi.launch(k, 1, [x, ffi.Out(0)], [jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+    exp = jax.export.export(jax.jit(f), platforms=["cuda", "rocm"],
+                            disabled_checks=ffi.export_disabled_checks())(
+        jax.ShapeDtypeStruct((8,), jnp.float32))
+    blob = exp.serialize()
+    assert code[:64] not in blob and len(blob) < len(code)
+    back = jax.export.deserialize(blob)
+    assert back.platforms == ("cuda", "rocm")
+    assert f'code_hash = "{k.code_hash}"' in back.mlir_module()
 
 
 def test_lowering_with_aliases_and_several_launches():
