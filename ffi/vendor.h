@@ -25,9 +25,16 @@ void Resolve(void* lib, const char* name, Fn* fn, std::string* missing) {
   if (*fn == nullptr) *missing += std::string(" ") + name;
 }
 
-// Opens the first library of `names` that loads; sets `error` otherwise.
+// Opens the driver library: one of `names` already loaded into the process
+// (by XLA's GPU plugin) if any, so both use the same runtime instance; else
+// the first that loads. Sets `error` if none does.
 inline void* OpenFirst(const char* const* names, size_t count,
                        std::string* error) {
+  for (size_t i = 0; i < count; ++i) {
+    if (void* lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD)) {
+      return lib;
+    }
+  }
   std::string tried;
   for (size_t i = 0; i < count; ++i) {
     if (void* lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL)) return lib;
