@@ -262,6 +262,60 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
     return dict(header=header, rows=rows)
 
 
+def run_mesh(preset: str, tokens, quant: str, mesh_shape, *, reps: int = 20, routings: int = 8,
+             warmup: int = 3, backend: str = "auto", log=print) -> dict:
+    """``--mesh EPxTP``: parallel.moe per strategy, the bytes each device sends
+    and receives per call (parallel.comm_bytes) beside the time, which is
+    measured only when the machine has EP*TP devices."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from . import parallel
+
+    p = PRESETS[preset]
+    ep, tp = mesh_shape
+    devs = jax.devices()
+    mesh = (Mesh(np.array(devs[:ep * tp]).reshape(ep, tp), ("ep", "tp"))
+            if len(devs) >= ep * tp else None)
+    ragged = parallel.ragged_supported(mesh) if mesh else devs[0].platform != "cpu"
+    strategies = parallel.STRATEGIES if ep > 1 else ("tensor",)  # TP only: one way
+    axes = dict(expert_axis="ep" if ep > 1 else None, tensor_axis="tp" if tp > 1 else None)
+    timing = (f"timed on {ep * tp} devices" if mesh else
+              f"only {len(devs)} devices: bytes computed, not timed")
+    log(f"# mesh {ep}x{tp} (EP x TP): {timing}; ragged all_to_all: {ragged}")
+    w = parallel.shard_weights(random_weights(p, jax.random.key(42)), mesh, **axes) if mesh else None
+    rows = []
+    for T in tokens:
+        row = dict(T=T, mesh=f"{ep}x{tp}", results={})
+        if mesh:  # tokens sharded over EP where T divides evenly (parallel.moe pads otherwise)
+            ea = axes["expert_axis"] if T % ep == 0 else None
+            x = jax.device_put(jax.random.normal(jax.random.key(T), (T, p.hidden), jnp.bfloat16),
+                               NamedSharding(mesh, P(ea)))
+            ids, tw = random_routings(p, T, routings, seed=T)
+            tok = NamedSharding(mesh, P(None, ea))
+            ids_d, tw_d = jax.device_put(ids, tok), jax.device_put(tw, tok)
+        for strategy in strategies:
+            cb = parallel.comm_bytes("gather_scatter" if strategy == "tensor" else strategy,
+                                     devices=ep, tensor_devices=tp, tokens=T, top_k=p.top_k,
+                                     hidden=p.hidden, dtype_bytes=2, ragged=ragged,
+                                     experts=p.num_experts)
+            r = dict(sent_bytes=cb["sent"], received_bytes=cb["received"])
+            if mesh:
+                def layer(x, tws, idss, strategy=strategy):
+                    return [parallel.moe(x, w, tws[i], idss[i], mesh=mesh,
+                                         strategy="auto" if strategy == "tensor" else strategy,
+                                         ragged=ragged, activation=p.activation, quant=quant,
+                                         backend=backend, **axes) for i in range(routings)]
+                times = _time(jax.jit(layer), x, tw_d, ids_d, reps=reps, warmup=warmup)
+                r["time_s"] = statistics.median(times) / routings
+            row["results"][strategy] = r
+        rows.append(row)
+        log(f"T={T:>6}  mesh {ep}x{tp} | " + " | ".join(
+            f"{n}: " + (f"{r['time_s'] * 1e6:9.1f} us, " if "time_s" in r else "")
+            + f"sent {r['sent_bytes'] / 1e6:.3f} MB recv {r['received_bytes'] / 1e6:.3f} MB"
+            for n, r in row["results"].items()))
+    return dict(header=dict(preset=preset, quant=quant, mesh=f"{ep}x{tp}", ragged=ragged,
+                            timed=mesh is not None), rows=rows)
+
+
 def format_row(row) -> str:
     parts = [f"T={row['T']:>6}  roofline {row['roofline_s'] * 1e6:9.1f} us"]
     for name, r in row["results"].items():
@@ -317,6 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, triton, flydsl)")
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--plot", help="draw time and %% of roofline against T into this PNG")
+    ap.add_argument("--mesh", help="EPxTP, e.g. 8x1 or 4x2: parallel.moe per strategy with the "
+                    "bytes each device sends/receives per call (timed if that many devices)")
     a = ap.parse_args(argv)
     presets = a.preset.split(",")
     for name in presets:
@@ -327,6 +383,18 @@ def main(argv=None) -> int:
         if b not in BASELINES:
             ap.error(f"--baselines: unknown {b!r}; known: {BASELINES}")
     tokens = [int(t) for t in a.tokens.split(",")]
+    if a.mesh:
+        parts = a.mesh.lower().split("x")
+        if len(parts) != 2 or not all(v.isdigit() and int(v) >= 1 for v in parts):
+            ap.error(f"--mesh: expected EPxTP such as 4x2, got {a.mesh!r}")
+        mesh_shape = (int(parts[0]), int(parts[1]))
+        mesh_results = [run_mesh(name, tokens, quant, mesh_shape, reps=a.reps, routings=a.routings,
+                                 warmup=a.warmup, backend=a.backend)
+                        for name in presets for quant in a.quant.split(",")]
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(mesh_results, f, indent=1)
+        return 0
     results, ceilings = [], None
     for name in presets:
         for quant in a.quant.split(","):

@@ -250,3 +250,23 @@ def test_call_argument_errors():
         parallel.moe(x[:, :16], W, tw, ids, mesh=mesh, expert_axis="ep")
     with pytest.raises(ValueError, match="topk_weights"):
         parallel.moe(x, W, tw[:, :1], ids, mesh=mesh, expert_axis="ep")
+
+
+def test_bench_mesh_reports_comm_bytes(tmp_path):
+    # one CPU device: the 4x2 layer is not timed, its bytes are still reported
+    from jax_mxfp4_moe import bench
+    out = tmp_path / "mesh.json"
+    assert bench.main(["--preset", "tiny", "--tokens", "8,64", "--mesh", "4x2",
+                       "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    p = bench.PRESETS["tiny"]
+    for row in res[0]["rows"]:
+        for strategy in parallel.STRATEGIES:
+            r = row["results"][strategy]
+            want = parallel.comm_bytes(strategy, devices=4, tensor_devices=2, tokens=row["T"],
+                                       top_k=p.top_k, hidden=p.hidden, dtype_bytes=2,
+                                       ragged=res[0]["header"]["ragged"], experts=p.num_experts)
+            assert (r["sent_bytes"], r["received_bytes"]) == (want["sent"], want["received"])
+            assert ("time_s" in r) == res[0]["header"]["timed"]
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--mesh", "4by2"])
