@@ -274,7 +274,7 @@ def _local_weights(template, arrays, num_experts, intermediate):
                                intermediate=intermediate, **arrays)
 
 
-def _ep_local_ids(ids, expert_axis, experts_per_device, num_experts):
+def _ep_local_ids(ids, experts_per_device, num_experts):
     # global ids -> (destination device, local id); out-of-range ids -> -1
     valid = (ids >= 0) & (ids < num_experts)
     dest = jnp.where(valid, ids // experts_per_device, -1)
@@ -391,7 +391,7 @@ def moe(x, weights, topk_weights, topk_ids, *, mesh: Mesh, expert_axis: str | No
         return tp_sum(y), jnp.zeros((), jnp.int32)
 
     def body_all_to_all(xs, tw, ids, w_arrays):
-        dest, local = _ep_local_ids(ids, expert_axis, E_l, E)           # [T_l, k]
+        dest, local = _ep_local_ids(ids, E_l, E)           # [T_l, k]
         on = dest[:, :, None] == jnp.arange(es)[None, None, :]          # [T_l, k, De]
         has = on.any(axis=1)                                            # [T_l, De]
         pos = jnp.cumsum(has, axis=0) - 1                               # row in dest's block

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import zlib
 
 DEVICES = 8
@@ -340,8 +341,10 @@ def main() -> None:
             results[c["name"]] = {"skipped": f"needs {n_dev} devices, "
                                              f"{len(jax.devices())} present"}
             continue
+        start = time.perf_counter()
         try:
             results[c["name"]] = run_case(c, cache)
+            results[c["name"]]["seconds"] = round(time.perf_counter() - start, 2)
         except Exception:  # recorded; the test of that case fails with it
             results[c["name"]] = {"error": traceback.format_exc()}
     print("PARALLEL_CHECKS_JSON " + json.dumps(results))
