@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import numbers
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
