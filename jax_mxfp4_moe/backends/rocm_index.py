@@ -77,14 +77,26 @@ TILE_BYTES = WAVE * K_PER_LANE // 2  # 1024 bytes of fp4 per 16 x 128 tile
 LANE_BYTES = K_PER_LANE // 2  # 16
 
 
+def tile_strides(kblocks):
+    """Byte strides of (nb, kb, lane) in one expert's pre-shuffled weight tiles."""
+    return (kblocks * TILE_BYTES, TILE_BYTES, LANE_BYTES)
+
+
+def tile_scale_strides(kblocks):
+    """Byte strides of (nb, kb, lane) in one expert's pre-shuffled scale tiles."""
+    return (kblocks * WAVE, WAVE, 1)
+
+
 def tile_offset(nb, kb, lane, kblocks):
     """Byte offset (within one expert) of lane ``lane``'s 16 bytes of tile (nb, kb)."""
-    return ((nb * kblocks + kb) * WAVE + lane) * LANE_BYTES
+    s_nb, s_kb, s_lane = tile_strides(kblocks)
+    return nb * s_nb + kb * s_kb + lane * s_lane
 
 
 def tile_scale_offset(nb, kb, lane, kblocks):
     """Byte offset (within one expert) of lane ``lane``'s scale byte of tile (nb, kb)."""
-    return (nb * kblocks + kb) * WAVE + lane
+    s_nb, s_kb, s_lane = tile_scale_strides(kblocks)
+    return nb * s_nb + kb * s_kb + lane * s_lane
 
 
 def tile_source(nb, kb, lane):

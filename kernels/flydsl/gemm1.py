@@ -74,7 +74,6 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
     out_row = mfma.row_bytes(Ip, fmt)
     out_srow = Ip // MX_BLOCK
     out_blk = mfma.LANE_BYTES[fmt]
-    aux = c.AUX_NONTEMPORAL if nt else c.AUX_CACHED
     lds_cols = ix.G1_LDS_COLS
     name = kernel_name(hidden=H, intermediate=I, num_experts=E, quant=quant, activation=activation,
                        gate_up=gate_up, has_bias=has_bias, nt=nt)
@@ -113,8 +112,8 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
             xq_b = c.buffer(xq, tokens * a_row)
             xs_b = c.buffer(xs, tokens * a_srow)
             e64 = fx.Int64(eid)
-            w_b = c.buffer(fx.Int64(w1) + e64 * w_expert, w_expert)
-            ws_b = c.buffer(fx.Int64(w1s) + e64 * ws_expert, ws_expert)
+            wt = mfma.WeightTiles(fx.Int64(w1) + e64 * w_expert, fx.Int64(w1s) + e64 * ws_expert,
+                                  2 * Ip // ix.MFMA_N, kblocks, nt)
             a_off = []
             as_off = []
             for s in fx.range_constexpr(ix.M_TILES):
@@ -128,7 +127,7 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
             for kb in range(kblocks):
                 a_ops = [mfma.load_a(xq_b, a_off[s], kb, lane, fmt) for s in range(ix.M_TILES)]
                 a_sc = [mfma.load_a_scale(xs_b, as_off[s], kb, lane) for s in range(ix.M_TILES)]
-                b_ops = [mfma.load_b(w_b, ws_b, nbs[t], kb, lane, kblocks, aux) for t in range(ix.G1_TILES_PER_WAVE)]
+                b_ops = [wt.load(nbs[t], kb, lane) for t in range(ix.G1_TILES_PER_WAVE)]
                 acc = [
                     mfma.mfma(a_ops[s], a_sc[s], b_ops[t][0], b_ops[t][1], acc[s * ix.G1_TILES_PER_WAVE + t], fmt)
                     for s in range(ix.M_TILES)

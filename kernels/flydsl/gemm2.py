@@ -44,7 +44,6 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
     a_srow = Ip // MX_BLOCK
     w_expert = Hp * Ip // 2
     ws_expert = Hp * Ip // MX_BLOCK
-    aux = c.AUX_NONTEMPORAL if nt else c.AUX_CACHED
     name = kernel_name(hidden=H, intermediate=I, num_experts=E, quant=quant, has_bias=has_bias, nt=nt)
 
     @fx.struct
@@ -80,8 +79,8 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
             a_b = c.buffer(inter)
             as_b = c.buffer(inter_s)
             e64 = fx.Int64(eid)
-            w_b = c.buffer(fx.Int64(w2) + e64 * w_expert, w_expert)
-            ws_b = c.buffer(fx.Int64(w2s) + e64 * ws_expert, ws_expert)
+            wt = mfma.WeightTiles(fx.Int64(w2) + e64 * w_expert, fx.Int64(w2s) + e64 * ws_expert,
+                                  Hp // ix.MFMA_N, kblocks, nt)
             a_off = []
             as_off = []
             for s in fx.range_constexpr(ix.M_TILES):
@@ -94,7 +93,7 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
             for kb in range(kblocks):
                 a_ops = [mfma.load_a(a_b, a_off[s], kb, lane, fmt) for s in range(ix.M_TILES)]
                 a_sc = [mfma.load_a_scale(as_b, as_off[s], kb, lane) for s in range(ix.M_TILES)]
-                b_ops = [mfma.load_b(w_b, ws_b, nbs[t], kb, lane, kblocks, aux) for t in range(TILES_PER_WAVE)]
+                b_ops = [wt.load(nbs[t], kb, lane) for t in range(TILES_PER_WAVE)]
                 acc = [
                     mfma.mfma(a_ops[s], a_sc[s], b_ops[t][0], b_ops[t][1], acc[s * TILES_PER_WAVE + t], fmt)
                     for s in range(ix.M_TILES)
