@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT.
-# usage: bench/gpu_session.sh STEP... (steps: build test test_all bench bench_full sanitize ncu)
+# usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full sanitize ncu)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -18,20 +18,25 @@ for step in "$@"; do
       timeout 420 python3 -m pytest -q -x -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
         -k "not presets" 2>&1 | tee "$OUT/test.log" | tail -25
       ;;
-    test_all)
-      timeout 560 python3 -m pytest -q -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py 2>&1 \
-        | tee "$OUT/test_all.log" | tail -30
+    presets)
+      timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
+        | tee "$OUT/presets.log" | tail -30
       ;;
     bench)
       timeout 300 python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b --tokens 1,8,64 \
         --json "$OUT/bench_quick.json" 2>&1 | grep -v Warn | tee "$OUT/bench_quick.log"
       ;;
-    bench_full)
-      for q in a16w4 a8w4; do
-        timeout 280 python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b,deepseek-v3 --quant $q \
-          --tokens 1,8,64,512,4096,16384 --json "$OUT/bench_$q.json" 2>&1 | grep -v Warn \
-          | tee "$OUT/bench_$q.log"
-      done
+    bench_full)  # each run bounded, so the finished ones always come back
+      B="python3 -m jax_mxfp4_moe.bench"
+      timeout 170 $B --preset gpt-oss-120b --quant a16w4 --tokens 1,8,64,512,4096,16384 \
+        --json "$OUT/b_oss120_a16.json" 2>&1 | grep -v Warn | tee "$OUT/bench.log"
+      timeout 170 $B --preset deepseek-v3 --quant a16w4 --tokens 1,8,64,512,4096,16384 \
+        --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
+      timeout 150 $B --preset gpt-oss-120b,deepseek-v3 --quant a8w4 --tokens 1,64,4096 \
+        --baselines none --json "$OUT/b_a8.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $B --preset gpt-oss-120b \
+        --tokens 1,8 --baselines none 2>&1 | grep -v Warn | sed 's/^/[no command buffers] /' \
+        | tee -a "$OUT/bench.log"
       ;;
     sanitize)
       timeout 500 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \

@@ -175,32 +175,44 @@ def _mosaic(lhs, rhs, sizes):
 
 
 def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str):
-    """name -> jitted fn(x, topk_weights[R], topk_ids[R]) running R layer calls."""
+    """name -> (jitted fn(params, x, topk_weights[R], topk_ids[R]) running R layer
+    calls, params). Weights are arguments, never closed-over constants."""
     from . import api
 
     def over_routings(layer):
-        def run(x, tws, idss):
-            return [layer(x, tws[r], idss[r]) for r in range(idss.shape[0])]
+        def run(params, x, tws, idss):
+            return [layer(params, x, tws[r], idss[r]) for r in range(idss.shape[0])]
         return jax.jit(run)
 
-    layers = {"ours": over_routings(lambda x, tw, ids: api.moe(
-        x, w, tw, ids, activation=p.activation, quant=quant, backend=backend))}
+    layers = {"ours": (over_routings(lambda w, x, tw, ids: api.moe(
+        x, w, tw, ids, activation=p.activation, quant=quant, backend=backend)), w)}
+    dense = None
     if "bf16_ragged_dot" in baselines or "mosaic_gpu_ragged_dot" in baselines:
-        w1t = jnp.swapaxes(formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16), 1, 2)
-        w2t = jnp.swapaxes(formats.dequantize_mxfp4(w.w2, w.w2_scale, jnp.bfloat16), 1, 2)
-        if "bf16_ragged_dot" in baselines:
-            layers["bf16_ragged_dot"] = over_routings(lambda x, tw, ids: _layer_dense(
-                x, tw, ids, w1t, w2t, w.b1, w.b2, p, _ragged))
-        if "mosaic_gpu_ragged_dot" in baselines and jax.default_backend() == "gpu":
-            layers["mosaic_gpu_ragged_dot"] = over_routings(lambda x, tw, ids: _layer_dense(
-                x, tw, ids, w1t, w2t, w.b1, w.b2, p, _mosaic))
+        try:
+            dense = jax.jit(lambda w: dict(
+                w1t=jnp.swapaxes(formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16), 1, 2),
+                w2t=jnp.swapaxes(formats.dequantize_mxfp4(w.w2, w.w2_scale, jnp.bfloat16), 1, 2),
+                b1=w.b1, b2=w.b2))(w)
+        except Exception as e:  # noqa: BLE001 - reported per baseline below
+            dense = e
+    for name, matmul in (("bf16_ragged_dot", _ragged), ("mosaic_gpu_ragged_dot", _mosaic)):
+        if name not in baselines or (name.startswith("mosaic") and jax.default_backend() != "gpu"):
+            continue
+        layers[name] = (over_routings(lambda d, x, tw, ids, mm=matmul: _layer_dense(
+            x, tw, ids, d["w1t"], d["w2t"], d["b1"], d["b2"], p, mm)), dense)
     if "mxfp4_dequant_ragged_dot" in baselines:
-        def dequant_layer(x, tw, ids):
+        def dequant_layer(w, x, tw, ids):
             w1t = jnp.swapaxes(formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16), 1, 2)
             w2t = jnp.swapaxes(formats.dequantize_mxfp4(w.w2, w.w2_scale, jnp.bfloat16), 1, 2)
             return _layer_dense(x, tw, ids, w1t, w2t, w.b1, w.b2, p, _ragged)
-        layers["mxfp4_dequant_ragged_dot"] = over_routings(dequant_layer)
+        layers["mxfp4_dequant_ragged_dot"] = (over_routings(dequant_layer), w)
     return layers
+
+
+def routings_for(p: Preset, T: int, requested: int, l2_bytes: float = 50e6) -> int:
+    """Routings per rep: enough that one rep streams >= 4x the L2 in weights."""
+    per_call = min(p.num_experts, T * p.top_k) * expert_bytes(p)
+    return max(1, min(requested, -(-int(4 * l2_bytes) // int(per_call))))
 
 
 def _is_oom(e: Exception) -> bool:
@@ -227,24 +239,30 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
                   hbm_bytes_per_s=bw, bf16_flops_per_s=peak)
     log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
         f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
+    from . import api
+    impl = api._select(backend, quant, p.activation).__name__
+    header["ours"] = impl
     log(f"# preset {preset}: E={p.num_experts} k={p.top_k} H={p.hidden} I={p.intermediate} "
-        f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; median of {reps} reps x "
-        f"{routings} routings")
+        f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; ours = {impl}; median of "
+        f"{reps} reps, each over up to {routings} routings")
     w = random_weights(p, jax.random.key(42))
     rows = []
     for T in tokens:
         x = jax.random.normal(jax.random.key(T), (T, p.hidden), jnp.bfloat16)
-        ids, tw = random_routings(p, T, routings, seed=T)
-        nbytes = float(np.mean([touched_bytes(p, ids[r], T) for r in range(routings)]))
+        R = routings_for(p, T, routings)
+        ids, tw = random_routings(p, T, R, seed=T)
+        nbytes = float(np.mean([touched_bytes(p, ids[r], T) for r in range(R)]))
         fl = flops(p, T)
         roof = max(nbytes / bw, fl / peak)
-        row = dict(T=T, bytes=nbytes, flops=fl, roofline_s=roof, results={})
+        row = dict(T=T, routings=R, bytes=nbytes, flops=fl, roofline_s=roof, results={})
         layers = make_layers(p, w, quant, baselines, backend)
         ids_d, tw_d = jnp.asarray(ids), jnp.asarray(tw)
-        for name, fn in layers.items():
+        for name, (fn, params) in layers.items():
             try:
-                times = _time(fn, x, tw_d, ids_d, reps=reps, warmup=warmup)
-                t = statistics.median(times) / routings
+                if isinstance(params, Exception):
+                    raise params
+                times = _time(fn, params, x, tw_d, ids_d, reps=reps, warmup=warmup)
+                t = statistics.median(times) / R
                 row["results"][name] = dict(status="ok", time_s=t, tb_s=nbytes / t / 1e12,
                                             tflop_s=fl / t / 1e12, pct_roofline=100 * roof / t)
             except Exception as e:  # a baseline that cannot run is reported, not fatal
@@ -259,6 +277,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
         rows.append(row)
         log(format_row(row))
         del layers
+        jax.clear_caches()
     return dict(header=header, rows=rows)
 
 
