@@ -23,7 +23,7 @@ VARIANTS = rocm.shipped_variants()
 def _id(v):
     module, cfg = v
     return module + "-" + "-".join(f"{k}={cfg[k]}" for k in sorted(cfg) if k in (
-        "num_experts", "cols", "fmt", "quant", "activation", "gate_up", "hidden", "nt"))
+        "num_experts", "stage", "cols", "fmt", "quant", "activation", "gate_up", "hidden", "nt"))
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=[_id(v) for v in VARIANTS])
@@ -34,7 +34,9 @@ def compiled(request):
 
 def test_shipped_variants_cover_both_presets_modes_and_load_policies():
     names = {m: [c for mm, c in VARIANTS if mm == m] for m in ("sort", "quant", "gemm1", "gemm2")}
-    assert len(names["sort"]) == 2 and len(names["quant"]) == 4
+    assert {(c["num_experts"], c["stage"]) for c in names["sort"]} == {
+        (e, st) for e in (128, 256) for st in rocm.SORT_STAGES}
+    assert len(names["quant"]) == 4
     assert {(c["hidden"], c["quant"], c["nt"]) for c in names["gemm1"]} == {
         (h, q, nt) for h in (2880, 7168) for q in ("a4w4", "a8w4") for nt in (False, True)}
     assert {(c["hidden"], c["quant"], c["nt"]) for c in names["gemm2"]} == {
@@ -159,3 +161,20 @@ def test_dry_run_packs_scalars_where_the_code_object_expects_them():
     assert int.from_bytes(kernarg[offsets[3]:offsets[3] + 4].tobytes(), "little") == 12345
     ptrs = [int.from_bytes(kernarg[o:o + 8].tobytes(), "little") for o in offsets[:3]]
     assert all(p != 0 for p in ptrs) and len(set(ptrs)) == 3
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_large_t_sort_lowers_to_three_launches(masked):
+    T, k, E = 2000, 4, 16
+    assert T * k > ix.SORT_ONESHOT_MAX_ENTRIES
+    ids = jnp.zeros((T, k), jnp.int32)
+    tw = jnp.zeros((T, k), jnp.float32)
+    mask = jnp.ones((E,), jnp.int32) if masked else None
+    f = jax.jit(lambda i, w: rocm.sort(i, w, num_experts=E, expert_mask=mask, arch="gfx950"))
+    text = f.trace(ids, tw).lower(lowering_platforms=("rocm",)).as_text()
+    calls = re.findall(r"stablehlo.custom_call @jax_mxfp4_moe_launch[^\n]*", text)
+    assert [re.search(r"moe_sort_(count|offsets|scatter)_", c).group(1) for c in calls] == [
+        "count", "offsets", "scatter"]
+    assert "output_operand_aliases" in calls[2]  # the scatter fills the offsets launch's outputs in place
+    nch = ix.sort_chunks(T, k)
+    assert f"tensor<{nch * E}xi32>" in calls[0]

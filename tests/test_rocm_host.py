@@ -131,18 +131,20 @@ SORT_CASES = [
     (7, 8, 256, None),
     (64, 4, 16, None),
     (300, 2, 8, None),
+    (1500, 4, 32, "half"),  # several chunks of the large-T sort
     (50, 3, 12, "half"),
     (0, 2, 4, None),
 ]
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("T,k,E,mask", SORT_CASES)
-def test_sort_kernel_model_equals_jnp_sorter(T, k, E, mask):
+def test_sort_kernel_model_equals_jnp_sorter(T, k, E, mask, chunked):
     rng = np.random.default_rng(T * 31 + E)
     ids = rng.integers(-2, E + 3, (T, k)).astype(np.int32)  # includes out-of-range ids
     wts = rng.random((T, k)).astype(np.float32)
     expert_mask = None if mask is None else (np.arange(E) % 2 == 0).astype(np.int32)
-    got = rocm_tile.sort_model(ids, wts, num_experts=E, block_m=ix.BM, expert_mask=expert_mask)
+    got = rocm_tile.sort_model(ids, wts, num_experts=E, block_m=ix.BM, expert_mask=expert_mask, chunked=chunked)
     want = sorting.moe_sort(jnp.asarray(ids), jnp.asarray(wts), num_experts=E, block_m=ix.BM,
                             expert_mask=None if expert_mask is None else jnp.asarray(expert_mask))
     names = ("sorted_token_ids", "sorted_weights", "sorted_expert_ids", "num_valid")

@@ -66,8 +66,12 @@ def supports(quant: str, activation: str) -> bool:
     return quant in QUANTS and activation in ACTIVATIONS
 
 
-def sort_config(*, num_experts, top_k, has_mask):
-    return dict(num_experts=int(num_experts), top_k=int(top_k), block_m=SORT_BLOCK_M, has_mask=bool(has_mask))
+SORT_STAGES = ("oneshot", "count", "offsets", "scatter")
+
+
+def sort_config(*, num_experts, top_k, has_mask, stage="oneshot"):
+    return dict(num_experts=int(num_experts), top_k=int(top_k), block_m=SORT_BLOCK_M, has_mask=bool(has_mask),
+                stage=stage)
 
 
 def quant_config(*, cols, fmt, in_dtype):
@@ -95,7 +99,8 @@ def variants(*, num_experts, top_k, hidden, intermediate, quant, activation, gat
     dims = dict(hidden=hidden, intermediate=intermediate, num_experts=num_experts, quant=quant,
                 has_bias=has_bias, nt=nt)
     return {
-        "sort": ("sort", sort_config(num_experts=num_experts, top_k=top_k, has_mask=has_mask)),
+        **{f"sort_{st}": ("sort", sort_config(num_experts=num_experts, top_k=top_k, has_mask=has_mask, stage=st))
+           for st in SORT_STAGES},
         "quant": ("quant", quant_config(cols=Hp, fmt=_A_FMT[quant], in_dtype=in_dtype)),
         "gemm1": ("gemm1", gemm1_config(activation=activation, gate_up=gate_up, **dims)),
         "gemm2": ("gemm2", gemm2_config(**dims)),
@@ -130,27 +135,45 @@ def _with_nulls(kernel, null_params):
 
 
 def sort(topk_ids, topk_weights, *, num_experts, expert_mask=None, arch="gfx950"):
-    """Sort kernel: sorting.SortResult of the DESIGN section 3 contract (BM = 32)."""
+    """Sort kernel(s): sorting.SortResult of the DESIGN section 3 contract (BM = 32).
+
+    One launch up to ``SORT_ONESHOT_MAX_ENTRIES`` routed entries, else three
+    (per-chunk counts, offsets and fills, per-chunk scatter)."""
     from .. import ffi
 
     T, k = topk_ids.shape
-    P = sorting.sorted_size(T, k, num_experts, SORT_BLOCK_M)
+    E = int(num_experts)
+    P = sorting.sorted_size(T, k, E, SORT_BLOCK_M)
     nblocks = -(-P // SORT_BLOCK_M)
-    _, kernel = _kernel("sort", sort_config(num_experts=num_experts, top_k=k, has_mask=expert_mask is not None),
-                        arch)
-    mask = None
-    if expert_mask is None:
-        kernel = _with_nulls(kernel, {2})
-    else:
-        mask = jnp.asarray(expert_mask).astype(jnp.int32)
-    out = ffi.launch(
-        kernel, ix.sort_grid(),
-        [topk_ids.astype(jnp.int32), topk_weights.astype(jnp.float32), mask,
-         ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), T],
-        [jax.ShapeDtypeStruct((P,), jnp.int32), jax.ShapeDtypeStruct((P,), jnp.float32),
-         jax.ShapeDtypeStruct((nblocks,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)],
-        name="moe_sort")
-    return sorting.SortResult(*out)
+    has_mask = expert_mask is not None
+    mask = jnp.asarray(expert_mask).astype(jnp.int32) if has_mask else None
+    ids = topk_ids.astype(jnp.int32)
+    wts = topk_weights.astype(jnp.float32)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    sorted_types = [i32(P), jax.ShapeDtypeStruct((P,), jnp.float32), i32(nblocks), i32(2)]
+
+    def kernel(stage, mask_param):
+        _, kern = _kernel("sort", sort_config(num_experts=E, top_k=k, has_mask=has_mask, stage=stage), arch)
+        return kern if has_mask else _with_nulls(kern, {mask_param})
+
+    if T * k <= ix.SORT_ONESHOT_MAX_ENTRIES:
+        out = ffi.launch(kernel("oneshot", 2), ix.sort_grid(),
+                         [ids, wts, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), T],
+                         sorted_types, name="moe_sort")
+        return sorting.SortResult(*out)
+    nch = ix.sort_chunks(T, k)
+    (counts,) = ffi.launch(kernel("count", 1), ix.sort_chunk_grid(T, k), [ids, mask, ffi.Out(0), T],
+                           [i32(nch * E)], name="moe_sort_count")
+    sid, sw, se, nv, base = ffi.launch(
+        kernel("offsets", 1), ix.sort_grid(),
+        [counts, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), ffi.Out(4), T],
+        sorted_types + [i32(nch * E)], name="moe_sort_offsets")
+    operands = [ids, wts] + ([mask] if has_mask else []) + [base, sid, sw]
+    sid, sw = ffi.launch(
+        kernel("scatter", 2), ix.sort_chunk_grid(T, k), [ids, wts, mask, base, sid, sw, T],
+        sorted_types[:2], input_output_aliases={len(operands) - 2: 0, len(operands) - 1: 1},
+        name="moe_sort_scatter")
+    return sorting.SortResult(sid, sw, se, nv)
 
 
 def quantize(x, fmt, *, arch="gfx950"):

@@ -161,12 +161,25 @@ def gemm2_pair(tid, it):
 # Block sizes and launch grids (the FFI launcher computes grids from these;
 # the kernels declare the same block sizes).
 SORT_BLOCK = WAVE  # one wave
+# Large-T sort: entries per chunk (one wave each in the count and scatter
+# launches), and the entry count from which the three-launch path is used.
+SORT_CHUNK = 16 * WAVE
+SORT_ONESHOT_MAX_ENTRIES = 4 * SORT_CHUNK
 QUANT_BLOCK = 256  # one thread per MX block
 GEMM_BLOCK = WAVES * WAVE
 
 
 def sort_grid():
     return (1, 1, 1)
+
+
+def sort_chunks(tokens, top_k):
+    return max(1, -(-tokens * top_k // SORT_CHUNK))
+
+
+def sort_chunk_grid(tokens, top_k):
+    """Grid of the count and scatter launches of the large-T sort."""
+    return (sort_chunks(tokens, top_k), 1, 1)
 
 
 def quant_grid(rows, cols):

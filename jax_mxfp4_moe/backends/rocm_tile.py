@@ -26,8 +26,12 @@ _FMT = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
 
 
 # ------------------------------------------------------------------ sort
-def sort_model(topk_ids, topk_weights, *, num_experts, block_m, expert_mask=None):
-    """The sort kernel's algorithm: returns (sorted_ids, sorted_w, sorted_expert_ids, num_valid)."""
+def sort_model(topk_ids, topk_weights, *, num_experts, block_m, expert_mask=None, chunked=None):
+    """The sort kernels' algorithm: (sorted_ids, sorted_w, sorted_expert_ids, num_valid).
+
+    ``chunked`` None picks like the backend (one launch up to
+    ``SORT_ONESHOT_MAX_ENTRIES`` entries); True / False force the three-launch
+    (per-chunk counts and cursors) or the one-launch algorithm."""
     ids = np.asarray(topk_ids, np.int64).reshape(-1)
     wts = np.asarray(topk_weights, np.float32).reshape(-1)
     T, K = np.shape(topk_ids)
@@ -36,29 +40,37 @@ def sort_model(topk_ids, topk_weights, *, num_experts, block_m, expert_mask=None
     P = n + E * BM - K
     nblocks = -(-P // BM)
     mask = None if expert_mask is None else np.asarray(expert_mask).astype(bool)
+    if chunked is None:
+        chunked = n > ix.SORT_ONESHOT_MAX_ENTRIES
+    chunk = ix.SORT_CHUNK if chunked else max(n, 1)
+    nchunks = -(-n // chunk) if n else (1 if chunked else 0)
 
-    def keys(step):
-        i = step * ix.WAVE + _LANES
+    def step_keys(start):
+        i = start + _LANES
         valid = i < n
         e = np.where(valid, ids[np.minimum(i, max(n - 1, 0))] if n else 0, 0)
         ok = valid & (e >= 0) & (e < E)
         if mask is not None:
             ok &= mask[np.where(ok, e, 0)]
-        return i, np.where(ok, e, E)
-
-    def groups(key):
+        key = np.where(ok, e, E)
         same = key[:, None] == key[None, :]  # what the ballots compute
         rank = np.array([np.count_nonzero(same[l, :l]) for l in _LANES])
-        return same.sum(axis=1), rank
+        return i, key, same.sum(axis=1), rank
 
-    count = np.zeros(E, np.int64)
-    nsteps = -(-n // ix.WAVE)
-    for step in range(nsteps):
-        _, key = keys(step)
-        size, rank = groups(key)
-        for l in _LANES[(rank == 0) & (key < E)]:
-            count[key[l]] += size[l]
+    def steps(ch):
+        first = ch * chunk
+        return range(first, min(first + chunk, max(n, first)), ix.WAVE)
 
+    # 1. counts per chunk (one wave each)
+    counts = np.zeros((nchunks, E), np.int64)
+    for ch in range(nchunks):
+        for start in steps(ch):
+            _, key, size, rank = step_keys(start)
+            for l in _LANES[(rank == 0) & (key < E)]:
+                counts[ch, key[l]] += size[l]
+    count = counts.sum(axis=0)
+
+    # 2. offsets, local ids (lane 0, expert order)
     offset = np.zeros(E, np.int64)
     local = np.zeros(E, np.int64)
     run = nlocal = 0
@@ -72,29 +84,32 @@ def sort_model(topk_ids, topk_weights, *, num_experts, block_m, expert_mask=None
         run += -(-count[e] // BM) * BM
     total = run
 
+    # 3. padding, block expert ids, tail
     sentinel = (K << 24) | T
     sid = np.full(P, -12345, np.int64)  # unwritten entries would show up
     sw = np.full(P, np.nan, np.float32)
     se = np.full(nblocks, -12345, np.int64)
     for e in range(E):
         padded = -(-count[e] // BM) * BM
-        sid[offset[e] + count[e] : offset[e] + padded] = sentinel
-        sw[offset[e] + count[e] : offset[e] + padded] = 0.0
-        se[offset[e] // BM : (offset[e] + padded) // BM] = local[e]
+        sid[offset[e] + count[e]:offset[e] + padded] = sentinel
+        sw[offset[e] + count[e]:offset[e] + padded] = 0.0
+        se[offset[e] // BM:(offset[e] + padded) // BM] = local[e]
     sid[total:] = sentinel
     sw[total:] = 0.0
-    se[total // BM :] = -1
+    se[total // BM:] = -1
 
-    cursor = offset.copy()
-    for step in range(nsteps):
-        i, key = keys(step)
-        size, rank = groups(key)
-        for l in _LANES[key < E]:
-            pos = cursor[key[l]] + rank[l]
-            sid[pos] = ((i[l] % K) << 24) | (i[l] // K)
-            sw[pos] = wts[i[l]]
-        for l in _LANES[(rank == 0) & (key < E)]:
-            cursor[key[l]] += size[l]
+    # 4. scatter from each chunk's cursors
+    base = offset[None, :] + np.cumsum(counts, axis=0) - counts
+    for ch in range(nchunks):
+        cursor = base[ch].copy()
+        for start in steps(ch):
+            i, key, size, rank = step_keys(start)
+            for l in _LANES[key < E]:
+                pos = cursor[key[l]] + rank[l]
+                sid[pos] = ((i[l] % K) << 24) | (i[l] // K)
+                sw[pos] = wts[i[l]]
+            for l in _LANES[(rank == 0) & (key < E)]:
+                cursor[key[l]] += size[l]
     return sid.astype(np.int32), sw, se.astype(np.int32), np.array([total, T], np.int32)
 
 
