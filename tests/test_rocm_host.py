@@ -214,3 +214,39 @@ def test_kernel_model_catches_a_wrong_lane_to_k_mapping(monkeypatch):
                             quant="a8w4", activation="silu")
     with pytest.raises(AssertionError):
         accuracy.assert_close(y, ref)
+
+
+class _FakeClient:
+    def __init__(self, platform, version):
+        self.platform, self.platform_version = platform, version
+
+
+class _FakeDevice:
+    def __init__(self, platform, cc, kind="AMD Instinct MI355X", client=("rocm", "rocm 7.0")):
+        self.platform, self.compute_capability, self.device_kind = platform, cc, kind
+        self.client = _FakeClient(*client)
+
+
+def test_device_arch_detection():
+    from jax_mxfp4_moe.backends import rocm
+
+    assert rocm._device_arch(_FakeDevice("gpu", "gfx950:sramecc+:xnack-")) == "gfx950"
+    assert rocm._device_arch(_FakeDevice("rocm", None, kind="gfx942")) == "gfx942"
+    assert rocm._device_arch(_FakeDevice("gpu", "9.0", kind="NVIDIA H100", client=("cuda", "cuda 12"))) is None
+    assert rocm._device_arch(_FakeDevice("cpu", None, kind="cpu", client=("cpu", "cpu"))) is None
+    assert not rocm.available()  # this machine has no ROCm device
+    assert rocm.supports("a4w4", "silu") and rocm.supports("a8w4", "swiglu_oai")
+    assert not rocm.supports("a16w4", "silu") and not rocm.supports("a4w4", "gelu")
+
+
+def test_modes_without_gfx950_kernels_fall_back_to_jnp_with_a_warning():
+    from jax_mxfp4_moe import jnp_impl
+    from jax_mxfp4_moe.backends import rocm
+
+    shape = moe_cases.Shape("s", E=4, k=2, H=64, I=64)
+    w = moe_cases.make_weights(shape)
+    x, tw, ti = moe_cases.make_tokens(shape, 3)
+    want = jnp_impl.moe(x, w, tw, ti, activation="silu", quant="a16w4")
+    with pytest.warns(UserWarning, match="jnp path"):
+        got = rocm.moe(x, w, tw, ti, activation="silu", quant="a16w4")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

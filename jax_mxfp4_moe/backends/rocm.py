@@ -45,14 +45,22 @@ _warned: set = set()
 
 
 def _device_arch(device=None) -> str | None:
+    """The gfx arch of a ROCm device ("gfx950"), or None for any other device.
+
+    ROCm jaxlib reports the arch as ``compute_capability`` (a string such as
+    "gfx950:sramecc+:xnack-"), sometimes as ``device_kind``."""
     try:
         dev = device or jax.devices()[0]
     except RuntimeError:
         return None
-    if "rocm" not in str(getattr(dev.client, "platform_version", "")).lower() and dev.platform != "rocm":
+    client = getattr(dev, "client", None)
+    names = (dev.platform, getattr(client, "platform", ""), getattr(client, "platform_version", ""))
+    if not any("rocm" in str(n).lower() for n in names):
         return None
-    arch = str(getattr(dev, "compute_capability", "") or "")
-    return arch.split(":")[0] or None
+    for value in (getattr(dev, "compute_capability", None), getattr(dev, "device_kind", None)):
+        if isinstance(value, str) and value.startswith("gfx"):
+            return value.split(":")[0]
+    return None
 
 
 def available() -> bool:
