@@ -19,7 +19,7 @@ for step in "$@"; do
         -k "not presets" 2>&1 | tee "$OUT/test.log" | tail -25
       ;;
     presets)
-      timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
+      timeout 200 python3 -m pytest -q -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
         | tee "$OUT/presets.log" | tail -30
       ;;
     bench)
@@ -39,12 +39,22 @@ for step in "$@"; do
         | tee -a "$OUT/bench.log"
       ;;
     sanitize)
-      timeout 500 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
-        tests/test_cuda_gpu.py -k "not presets and (sort or quantize or (moe_small and 7) or edge or nan)" \
+      timeout 220 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
+        tests/test_cuda_gpu.py -k "not presets and (sort or quantize or (moe_small and separated and True-7) or edge or nan)" \
         2>&1 | tee "$OUT/memcheck.log" | tail -15
-      timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
+      timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
         tests/test_cuda_gpu.py -k "test_moe_small_matches_reference and a16w4-silu-separated-True-7" \
         2>&1 | tee "$OUT/racecheck.log" | tail -8
+      ;;
+    ncu)  # per-kernel time, DRAM throughput, tensor-pipe use, occupancy of one call
+      for cfg in "gpt-oss-120b 1 a16w4" "gpt-oss-120b 4096 a16w4"; do
+        set -- $cfg
+        timeout 150 ncu --launch-skip-before-match 0 -k "regex:moe_|mx_quant" --launch-count 12 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active \
+          python3 bench/profile_decode.py $1 $2 $3 > "$OUT/ncu_$1_$2.txt" 2>&1
+        grep -E "moe_|mx_quant|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80
+      done
       ;;
   esac
 done
