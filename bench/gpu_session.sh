@@ -38,6 +38,9 @@ for step in "$@"; do
         --tokens 1,8 --baselines none 2>&1 | grep -v Warn | sed 's/^/[no command buffers] /' \
         | tee -a "$OUT/bench.log"
       ;;
+    sweep)
+      timeout 150 python3 bench/sweep_decode.py gpt-oss-120b 1,8 2>&1 | grep -v Warn | tee "$OUT/sweep.log" | tail -8
+      ;;
     bench_ds)
       timeout 130 python3 -m jax_mxfp4_moe.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | grep "T=\|#" | tee "$OUT/bench_ds.log"
