@@ -202,14 +202,30 @@ def test_kernel_model_matches_reference(shape, gate_up, activation, quant, bias)
     accuracy.assert_close(y, ref)
 
 
+def test_operand_placement_covers_each_k_once():
+    j = np.arange(32)
+    for fmt, nbytes in (("mxfp4", 16), ("mxfp8", 32)):
+        ks = np.concatenate([ix.operand_k(lane, j, fmt) for lane in range(0, 64, 16)])
+        assert sorted(ks.tolist()) == list(range(128))
+        for lane in range(64):
+            chunks = ix.operand_chunks(lane, fmt)
+            assert sum(n for _, n in chunks) == nbytes
+            # register-order elements come from the chunk bytes in order
+            per_byte = 2 if fmt == "mxfp4" else 1
+            k_from_bytes = [off * per_byte + e for off, n in chunks for e in range(n * per_byte)]
+            assert k_from_bytes == ix.operand_k(lane, j, fmt).tolist()
+            assert ix.scale_lane(ix.operand_row(lane), ix.operand_kblock(lane)) == lane
+
+
 def test_kernel_model_catches_a_wrong_lane_to_k_mapping(monkeypatch):
     """Negative control: a plausible indexing bug must fail the same bound."""
     shape = moe_cases.Shape("even", E=2, k=2, H=256, I=128)
     w = moe_cases.make_weights(shape, gate_up="separated", bias=False)
     x, tw, ti = moe_cases.make_tokens(shape, 4)
     ref = reference.moe(np.asarray(x), w, tw, ti, quant="a8w4", activation="silu")
-    monkeypatch.setattr(ix, "operand_kblock", lambda lane: (lane // 16 + 1) % 4)
-    monkeypatch.setattr(ix, "operand_k", lambda lane, j: ((lane // 16 + 1) % 4) * 32 + j)
+    # fp8 operands read as 32 consecutive K elements per lane (the fp4 placement)
+    monkeypatch.setattr(ix, "operand_chunks", lambda lane, fmt: [((lane // 16) * 32, 32)] if fmt == "mxfp8"
+                        else [((lane // 16) * 16, 16)])
     y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), np.asarray(ti),
                             quant="a8w4", activation="silu")
     with pytest.raises(AssertionError):

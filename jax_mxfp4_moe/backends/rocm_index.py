@@ -50,14 +50,34 @@ def operand_row(lane):
     return lane % MFMA_M
 
 
-def operand_k(lane, j):
-    """K index (within one 128-wide step) of the j-th element lane ``lane`` supplies."""
-    return (lane // MFMA_M) * K_PER_LANE + j
+def operand_chunks(lane, fmt):
+    """(byte offset in a row's 128-K step, bytes) of the pieces lane ``lane`` loads, in register order."""
+    g = lane // MFMA_M
+    if fmt == "mxfp4":
+        return [(g * 16, 16)]
+    if fmt == "mxfp8":
+        return [(g * 16, 16), (64 + g * 16, 16)]
+    raise ValueError(f"fmt: expected 'mxfp4' or 'mxfp8', got {fmt!r}")
+
+
+def operand_k(lane, j, fmt):
+    """K index (within one 128-wide step) of the j-th element (register order) lane ``lane`` supplies."""
+    g = lane // MFMA_M
+    if fmt == "mxfp4":
+        return g * K_PER_LANE + j
+    if fmt == "mxfp8":
+        return (j // 16) * 64 + g * 16 + j % 16
+    raise ValueError(f"fmt: expected 'mxfp4' or 'mxfp8', got {fmt!r}")
 
 
 def operand_kblock(lane):
     """MX block (within one 128-wide step) of the scale byte lane ``lane`` supplies."""
     return lane // MFMA_M
+
+
+def scale_lane(row, kblock):
+    """The lane whose scale byte covers (row, MX block ``kblock``): inverse of (operand_row, operand_kblock)."""
+    return kblock * MFMA_M + row
 
 
 def result_row(lane, i):

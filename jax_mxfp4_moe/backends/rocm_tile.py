@@ -5,7 +5,7 @@ Each function follows its kernel step by step with the same
 ballot-style key groups; the GEMM models read, lane by lane, exactly the
 bytes a lane loads (pre-shuffled weight tiles, gathered activation rows),
 place them where the scaled MFMA reads them (A row ``operand_row(l)``,
-K ``operand_k(l, j)``; elements 2i in low nibbles), multiply, hand the result
+K ``operand_k(l, j, fmt)``; elements 2i in low nibbles), multiply, hand the result
 back to lanes by ``result_row``/``result_col``, and run the epilogue through
 the same LDS mapping.  Compared with ``reference.moe`` (tests), this catches
 wrong lane-to-K mappings, scale bytes of the wrong block, gate/up placement
@@ -133,14 +133,20 @@ def _gather(flat, offsets, nbytes):
     return np.where(idx < flat.size, flat[np.minimum(idx, flat.size - 1)], 0).astype(np.uint8)
 
 
-def _mfma(a_vals, a_scale, b_vals, b_scale):
-    """One 16x16x128 scaled MFMA from lane operands; returns acc [lanes, 4]."""
+def _mfma(a_vals, a_scale, b_vals, b_scale, a_fmt):
+    """One 16x16x128 scaled MFMA from lane operands (B is MXFP4); returns acc [lanes, 4]."""
     A = np.zeros((ix.MFMA_M, ix.MFMA_K))
     B = np.zeros((ix.MFMA_K, ix.MFMA_N))
     lane = _LANES[:, None]
     j = np.arange(ix.K_PER_LANE)[None, :]
-    A[ix.operand_row(lane), ix.operand_k(lane, j)] = a_vals * _scale(a_scale)[:, None]
-    B[ix.operand_k(lane, j), ix.operand_row(lane)] = b_vals * _scale(b_scale)[:, None]
+    # each element takes the scale of its MX block, from the lane that supplies that block's scale
+    a_sc = _scale(a_scale)
+    b_sc = _scale(b_scale)
+    rows = ix.operand_row(lane)
+    ka = ix.operand_k(lane, j, a_fmt)
+    A[rows, ka] = a_vals * a_sc[ix.scale_lane(rows, ka // ix.MX_BLOCK)]
+    kw = ix.operand_k(lane, j, "mxfp4")
+    B[kw, rows] = b_vals * b_sc[ix.scale_lane(rows, kw // ix.MX_BLOCK)]
     with np.errstate(invalid="ignore", over="ignore"):
         C = A @ B
     return C[ix.result_row(lane, np.arange(4)[None, :]), ix.result_col(lane)]
@@ -148,16 +154,18 @@ def _mfma(a_vals, a_scale, b_vals, b_scale):
 
 def _mainloop(a_flat, as_flat, a_row_off, as_row_off, fmt, w_flat, ws_flat, nb, kblocks):
     """acc [lanes, 4] of one wave for one M tile and one 16-row weight tile."""
-    lane_bytes = 16 if fmt == "mxfp4" else 32
     kstep_bytes = ix.MFMA_K // 2 if fmt == "mxfp4" else ix.MFMA_K
     acc = np.zeros((ix.WAVE, 4))
     for kb in range(kblocks):
-        a_off = a_row_off + kb * kstep_bytes + ix.operand_kblock(_LANES) * lane_bytes
-        a_vals = _decode(_gather(a_flat, a_off, lane_bytes), fmt)
+        base = a_row_off + kb * kstep_bytes
+        chunks = [ix.operand_chunks(lane, fmt) for lane in _LANES]
+        pieces = [_gather(a_flat, base + np.array([ch[i][0] for ch in chunks]), ch0[1])
+                  for i, ch0 in enumerate(chunks[0])]
+        a_vals = _decode(np.concatenate(pieces, axis=1), fmt)
         a_sc = _gather(as_flat, as_row_off + kb * ix.SCALES_PER_MFMA_K + ix.operand_kblock(_LANES), 1)[:, 0]
         b_vals = _decode(_gather(w_flat, ix.tile_offset(nb, kb, _LANES, kblocks), ix.LANE_BYTES), "mxfp4")
         b_sc = _gather(ws_flat, ix.tile_scale_offset(nb, kb, _LANES, kblocks), 1)[:, 0]
-        acc += _mfma(a_vals, a_sc, b_vals, b_sc)
+        acc += _mfma(a_vals, a_sc, b_vals, b_sc, fmt)
     return acc
 
 

@@ -16,7 +16,7 @@ from . import common as c
 
 # MatrixFormat codes of the scaled MFMA (cbsz for A, blgp for B).
 FMT_CODE = {"mxfp8": 0, "mxfp4": 4}
-LANE_BYTES = {"mxfp4": 16, "mxfp8": 32}  # bytes of one lane's 32 elements
+LANE_BYTES = {"mxfp4": 16, "mxfp8": 32}  # bytes of one lane's 32 elements (an MX block's worth)
 
 
 def row_bytes(k, fmt):
@@ -30,14 +30,12 @@ def zero_acc():
 
 
 def load_a(rsrc, row_offset, kb, lane, fmt):
-    """A operand of K step ``kb`` for a row starting at byte ``row_offset``."""
-    nbytes = LANE_BYTES[fmt]
-    off = row_offset + kb * row_bytes(ix.MFMA_K, fmt) + ix.operand_kblock(lane) * nbytes
-    if fmt == "mxfp4":
-        return c.load(rsrc, off, 16)
-    lo = c.load(rsrc, off, 16)
-    hi = c.load(rsrc, off + 16, 16)
-    return vector.shuffle(lo, hi, list(range(8)))
+    """A operand of K step ``kb`` for a row starting at byte ``row_offset`` (register order)."""
+    base = row_offset + kb * row_bytes(ix.MFMA_K, fmt)
+    parts = [c.load(rsrc, base + off, n) for off, n in ix.operand_chunks(lane, fmt)]
+    if len(parts) == 1:
+        return parts[0]
+    return vector.shuffle(parts[0], parts[1], list(range(8)))
 
 
 def load_a_scale(rsrc, scale_row_offset, kb, lane):
