@@ -4,6 +4,7 @@ launcher's packing, the instructions the design needs in its ISA, no scratch,
 resource budgets; and the whole pipeline lowered for the ROCm platform."""
 
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,38 @@ def test_large_t_sort_lowers_to_three_launches(masked):
     assert "output_operand_aliases" in calls[2]  # the scatter fills the offsets launch's outputs in place
     nch = ix.sort_chunks(T, k)
     assert f"tensor<{nch * E}xi32>" in calls[0]
+
+
+def test_warm_cache_needs_neither_flydsl_nor_torch(tmp_path):
+    """After a compile, a fresh process lowers the pipeline with flydsl and torch unimportable."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    shape = dict(E=4, k=2, H=160, I=96)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["flydsl"] = None  # any import of flydsl (or torch through it) fails
+        sys.modules["torch"] = None
+        import jax, jax.numpy as jnp, numpy as np
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import moe_cases
+        from jax_mxfp4_moe.backends import rocm
+        shape = moe_cases.Shape("s", **{shape!r})
+        w = moe_cases.make_weights(shape, gate_up="interleaved").to_layout("gfx950")
+        x, tw, ti = moe_cases.make_tokens(shape, 5)
+        f = jax.jit(lambda *a: rocm.moe(*a, activation="swiglu_oai", quant="a4w4", arch="gfx950"))
+        text = f.trace(x, w, tw, ti).lower(lowering_platforms=("rocm",)).as_text()
+        assert text.count("jax_mxfp4_moe_launch") >= 4
+        print("ok")
+    """)
+    # warm the cache in this process (same cache dir as the child's)
+    shp = moe_cases.Shape("s", **shape)
+    w = moe_cases.make_weights(shp, gate_up="interleaved").to_layout("gfx950")
+    x, tw, ti = moe_cases.make_tokens(shp, 5)
+    jax.jit(lambda *a: rocm.moe(*a, activation="swiglu_oai", quant="a4w4", arch="gfx950")).trace(
+        x, w, tw, ti).lower(lowering_platforms=("rocm",))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ),
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
