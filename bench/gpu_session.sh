@@ -15,11 +15,11 @@ for step in "$@"; do
       python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
       ;;
     test)  # launcher + CUDA backend, small shapes
-      timeout 420 python3 -m pytest -q -x -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
+      timeout ${T_TEST:-420} python3 -m pytest -q -n 8 -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
         -k "not presets" 2>&1 | tee "$OUT/test.log" | tail -25
       ;;
     presets)
-      timeout 170 python3 -m pytest -q -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
+      timeout ${T_PRESETS:-170} python3 -m pytest -q -n 4 -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
         | tee "$OUT/presets.log" | tail -30
       ;;
     bench)
@@ -39,24 +39,29 @@ for step in "$@"; do
         | tee -a "$OUT/bench.log"
       ;;
     sweep)
-      timeout 150 python3 bench/sweep_decode.py gpt-oss-120b 1,8 2>&1 | grep -v Warn | tee "$OUT/sweep.log" | tail -8
+      timeout ${T_SWEEP:-150} python3 bench/sweep_decode.py gpt-oss-120b 1,8 2>&1 | grep -v Warn | tee "$OUT/sweep.log" | tail -8
+      ;;
+    bench_oss)
+      timeout ${T_BENCH:-170} python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b --quant a16w4 \
+        --tokens 1,8,64,512,4096,16384 --json "$OUT/b_oss120_a16.json" 2>&1 | grep -v Warn \
+        | grep "T=\|#" | tee "$OUT/bench_oss.log"
       ;;
     bench_ds)
-      timeout 130 python3 -m jax_mxfp4_moe.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
+      timeout ${T_BENCH:-130} python3 -m jax_mxfp4_moe.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | grep "T=\|#" | tee "$OUT/bench_ds.log"
       ;;
     sanitize)
-      timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
+      timeout ${T_MEMCHECK:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
         tests/test_cuda_gpu.py -k "not presets and (sort_kernel_matches or quantize or (moe_small and a8w4-silu-separated-True-7) or edge or nan)" \
         2>&1 | tee "$OUT/memcheck.log" | tail -15
-      timeout 70 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
+      timeout ${T_RACECHECK:-70} compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
         tests/test_cuda_gpu.py -k "test_moe_small_matches_reference and a16w4-silu-separated-True-7" \
         2>&1 | tee "$OUT/racecheck.log" | tail -8
       ;;
     ncu)  # per-kernel time, DRAM throughput, tensor-pipe use, occupancy of one call
       for cfg in "gpt-oss-120b 1 a16w4"; do
         set -- $cfg
-        timeout 90 ncu --launch-skip-before-match 0 -k "regex:moe_|mx_quant" --launch-count 12 \
+        timeout ${T_NCU:-90} ncu --launch-skip-before-match 0 -k "regex:moe_|mx_quant" --launch-count 12 \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
           --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active \
           python3 bench/profile_decode.py $1 $2 $3 > "$OUT/ncu_$1_$2.txt" 2>&1

@@ -152,7 +152,7 @@ class GemmConfig:
     block_k: int
     swap: bool        # W @ A^T: weight rows on the MMA's M side (small BM)
     num_warps: int
-    num_stages: int
+    num_stages: int   # 2: the K loop prefetches the next step's tiles; 1: it does not
     split_k: int = 1  # gemm2 only
     fuse_x_quant: bool = True  # gemm1 only: MX-quantise A as it loads (else a pre-pass)
 
@@ -167,18 +167,19 @@ class MoEConfig:
 # Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
 # is the balanced expectation). Small r is weight-streaming (memory bound):
 # swap so that BM can be 16 with the weight tile on the MMA's 64-row side, and
-# narrow N tiles for many CTAs per expert; x is MX-quantised as gemm1 loads it
-# (no extra launch). Large r is compute bound: BM=128 rows x 64 W rows per CTA
+# narrow N tiles for many CTAs per expert, and the next K step's tiles
+# prefetched; x is MX-quantised as gemm1 loads it (no extra launch). Large r is compute bound: BM=128 rows x 64 W rows per CTA
 # with 8 warps (the largest tiles that compile without local-memory spills
-# with triton's dot_scaled upcast on sm_90a, tests/test_cuda_compile.py), and
+# with triton's dot_scaled upcast on sm_90a, tests/test_cuda_compile.py; no
+# prefetch, which would spill), and
 # x is quantised once by a pre-pass instead of once per N tile (the fused
 # MXFP4 quantiser also spills at BM=128).
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2)
-    (16, 16, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
-    (64, 64, GemmConfig(32, 64, True, 8, 3), GemmConfig(64, 64, True, 8, 3)),
-    (math.inf, 128, GemmConfig(32, 64, False, 8, 3, fuse_x_quant=False),
-     GemmConfig(64, 64, False, 8, 3)),
+    (16, 16, GemmConfig(32, 128, True, 4, 2), GemmConfig(64, 128, True, 8, 2)),
+    (64, 64, GemmConfig(32, 64, True, 8, 2), GemmConfig(64, 64, True, 8, 2)),
+    (math.inf, 128, GemmConfig(32, 64, False, 8, 1, fuse_x_quant=False),
+     GemmConfig(64, 64, False, 8, 1)),
 )
 
 

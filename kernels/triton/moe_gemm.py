@@ -45,31 +45,53 @@ def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k0, k_hi, K,
+                BK: tl.constexpr):
+    """A [BM, BK], packed W [BN, BK/2] and scales [BN, BK/32] of one K step
+    (all masked off past k_hi: nothing is read there)."""
+    kk = k0 + tl.arange(0, BK)
+    a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :],
+                mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+    kp = k0 // 2 + tl.arange(0, BK // 2)
+    w = tl.load(w_ptr + w_row[:, None] * (K // 2) + kp[None, :],
+                mask=w_row_ok[:, None] & (kp < k_hi // 2)[None, :], other=0)
+    ks = k0 // 32 + tl.arange(0, BK // 32)
+    ws = tl.load(ws_ptr + w_row[:, None] * (K // 32) + ks[None, :],
+                 mask=w_row_ok[:, None] & (ks < k_hi // 32)[None, :], other=0)
+    return a, w, ws
+
+
+@triton.jit
 def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo, k_hi, K,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                A_FMT: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr):
-    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN] (or [BN, BM])."""
+    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN] (or [BN, BM]).
+
+    The fp4 upcast inside dot_scaled keeps triton from pipelining these loads
+    (they feed registers, not shared memory), so the loop prefetches by hand:
+    the tiles of step k+1 are requested before step k is computed, which
+    keeps twice the bytes in flight per CTA (STAGES > 1), or not (STAGES == 1).
+    """
     if SWAP:
         acc = tl.zeros((BN, BM), tl.float32)
     else:
         acc = tl.zeros((BM, BN), tl.float32)
-    KP = K // 2
-    KS = K // 32
-    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
-        kk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :],
-                    mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+    a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
+                           k_lo, k_hi, K, BK)
+    for k0 in range(k_lo, k_hi, BK):
+        if STAGES > 1:
+            a_next, w_next, ws_next = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr,
+                                                  w_row, w_row_ok, k0 + BK, k_hi, K, BK)
         if A_FMT == 0:
             a = a.to(tl.bfloat16)
         else:
             a = mx_fake_quant(a.to(tl.float32), BM, BK, A_FMT == 2).to(tl.bfloat16)
-        kp = k0 // 2 + tl.arange(0, BK // 2)
-        w = tl.load(w_ptr + w_row[:, None] * KP + kp[None, :],
-                    mask=w_row_ok[:, None] & (kp < k_hi // 2)[None, :], other=0)
-        ks = k0 // 32 + tl.arange(0, BK // 32)
-        ws = tl.load(ws_ptr + w_row[:, None] * KS + ks[None, :],
-                     mask=w_row_ok[:, None] & (ks < k_hi // 32)[None, :], other=0)
         acc = _mx_dot(acc, a, w, ws, SWAP)
+        if STAGES > 1:
+            a, w, ws = a_next, w_next, ws_next
+        else:
+            a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
+                                   k0 + BK, k_hi, K, BK)
     if SWAP:
         acc = tl.trans(acc)
     return acc
