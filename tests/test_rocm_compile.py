@@ -40,8 +40,9 @@ def test_shipped_variants_cover_both_presets_modes_and_load_policies():
     assert len(names["quant"]) == 4
     assert {(c["hidden"], c["quant"], c["nt"]) for c in names["gemm1"]} == {
         (h, q, nt) for h in (2880, 7168) for q in ("a4w4", "a8w4") for nt in (False, True)}
-    assert {(c["hidden"], c["quant"], c["nt"]) for c in names["gemm2"]} == {
-        (h, q, nt) for h in (2880, 7168) for q in ("a4w4", "a8w4") for nt in (False, True)}
+    assert {(c["hidden"], c["quant"], c["nt"], c.get("top_k")) for c in names["gemm2"]} == {
+        (h, q, nt, det) for h, k in ((2880, 4), (7168, 8)) for q in ("a4w4", "a8w4") for nt in (False, True)
+        for det in (None, k)}
 
 
 def test_code_object_is_a_gfx950_hsaco_with_the_named_kernel(compiled):
@@ -99,11 +100,13 @@ def test_isa_has_the_instructions_the_design_needs(compiled):
             assert not re.search(r"buffer_load\w*[^\n]*\bnt\b", isa)
     else:
         assert not mfma
-    if module == "gemm2":
+    if module == "gemm2" and not cfg.get("top_k"):
         assert atomics
         assert "flat_atomic" not in isa and "_cmpswap" not in isa  # no CAS loops
-    else:
+    else:  # the deterministic gemm2 stores plain f32 rows
         assert not atomics
+    if module == "gemm2" and cfg.get("top_k"):
+        assert "global_store_dwordx2" in isa
     assert "scratch_" not in isa and "buffer_store_dword off" not in isa
     assert "s_endpgm" in _mnemonics(isa)
 
@@ -117,11 +120,11 @@ def test_inspect_cli_reports_every_kernel(capsys):
     assert "0 over budget" in out
 
 
-@pytest.mark.parametrize("quant,activation,gate_up,bias,mask", [
-    ("a4w4", "swiglu_oai", "interleaved", True, False),
-    ("a8w4", "silu", "separated", False, True),
+@pytest.mark.parametrize("quant,activation,gate_up,bias,mask,det", [
+    ("a4w4", "swiglu_oai", "interleaved", True, False, False),
+    ("a8w4", "silu", "separated", False, True, True),
 ])
-def test_pipeline_lowers_for_rocm_with_the_right_launches(quant, activation, gate_up, bias, mask):
+def test_pipeline_lowers_for_rocm_with_the_right_launches(quant, activation, gate_up, bias, mask, det):
     shape = moe_cases.Shape("s", E=4, k=2, H=160, I=96)
     w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias).to_layout("gfx950")
     T = 5
@@ -129,7 +132,8 @@ def test_pipeline_lowers_for_rocm_with_the_right_launches(quant, activation, gat
     em = jnp.asarray([1, 0, 1, 1], jnp.int32) if mask else None
 
     def f(x, w, tw, ti):
-        return rocm.moe(x, w, tw, ti, activation=activation, quant=quant, expert_mask=em, arch="gfx950")
+        return rocm.moe(x, w, tw, ti, activation=activation, quant=quant, expert_mask=em, deterministic=det,
+                        arch="gfx950")
 
     text = jax.jit(f).trace(x, w, tw, ti).lower(lowering_platforms=("rocm",)).as_text()
     calls = re.findall(r"stablehlo.custom_call @jax_mxfp4_moe_launch[^\n]*", text)
@@ -143,7 +147,8 @@ def test_pipeline_lowers_for_rocm_with_the_right_launches(quant, activation, gat
     assert f"tensor<{P}xi32>" in calls[0] and f"tensor<{nblocks}xi32>" in calls[0]
     assert f"tensor<{T}x{Hp // 32}xui8>" in calls[1]
     assert f"tensor<{P}x{Ip // 32}xui8>" in calls[2]
-    assert f"tensor<{T}x{Hp}xbf16>" in calls[3]
+    assert (f"tensor<{T * shape.k}x{Hp}xf32>" if det else f"tensor<{T}x{Hp}xbf16>") in calls[3]
+    assert ("_det_k" in calls[3]) == det
 
 
 def test_dry_run_packs_scalars_where_the_code_object_expects_them():

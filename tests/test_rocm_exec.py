@@ -87,7 +87,7 @@ def _stages(shape, T, quant, activation, gate_up, bias, nt):
     s = rocm.sort(ti, tw, num_experts=shape.E)
     xq, xs = rocm.quantize(jnp.pad(x, ((0, 0), (0, Hp - shape.H))), fmt)
     inter, inter_s = rocm.gemm1(xq, xs, w, s, tokens=T, quant=quant, activation=activation, nt=nt)
-    y = rocm.gemm2(inter, inter_s, w, s, tokens=T, quant=quant, nt=nt)
+    y = rocm.gemm2(inter, inter_s, w, s, tokens=T, top_k=shape.k, quant=quant, nt=nt)
     return w, s, xq, xs, inter, inter_s, y
 
 
@@ -172,6 +172,18 @@ def test_cosine_against_the_unquantised_activation_reference(quant, floor):
     cos = accuracy.cosine(np.asarray(y, np.float32), exact)
     print(f"{quant}: cosine vs unquantised activations {cos:.4f} (reference {accuracy.cosine(quantised, exact):.4f})")
     assert cos >= floor and cos >= accuracy.cosine(quantised, exact) - 2e-3
+
+
+@pytest.mark.parametrize("quant", rocm.QUANTS)
+def test_deterministic_mode_is_reproducible_and_accurate(quant):
+    shape = moe_cases.DEEPSEEK_LIKE
+    w = moe_cases.make_weights(shape, bias=True)
+    x, tw, ti = moe_cases.make_tokens(shape, 200)
+    f = jax.jit(lambda *a: rocm.moe(*a, activation="silu", quant=quant, deterministic=True))
+    y1 = np.asarray(f(x, w, tw, ti), np.float32)
+    y2 = np.asarray(f(x, w, tw, ti), np.float32)
+    np.testing.assert_array_equal(y1, y2)
+    accuracy.assert_close(y1, reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation="silu"))
 
 
 def test_ids_not_here_contribute_nothing_and_t0_is_empty():

@@ -1,16 +1,18 @@
 """ROCm backend (gfx950): FlyDSL kernels launched through the FFI launcher.
 
-Pipeline (DESIGN section 3), four launches on XLA's stream:
+Pipeline (DESIGN section 3), launches on XLA's stream:
 
-    sort (one wave)  ->  quant x -> MXFP4/MXFP8  ->  gemm1 (gather, scaled
-    MFMA, act, requant, sorted order)  ->  gemm2 (scaled MFMA, weighted bf16
-    atomics into y [T, Hp], zeroed by the launcher)
+    sort (one wave; three launches for large T)  ->  quant x -> MXFP4/MXFP8
+    ->  gemm1 (gather, scaled MFMA, act, requant, sorted order)  ->  gemm2
+    (scaled MFMA, weighted bf16 atomics into y [T, Hp], zeroed by the launcher)
 
 Kernels are compiled at trace time for the device's arch, or taken from the
 on-disk cache (``rocm_compile``); with a warm cache neither flydsl nor torch
 is imported.  Weights must be (or are converted, traceably, to) the
-``gfx950`` layout (``rocm_layout``).  a16w4 and the deterministic reduction
-have no gfx950 kernels: ``supports`` says so and the dispatcher falls back.
+``gfx950`` layout (``rocm_layout``).  a16w4 has no gfx950 kernels:
+``supports`` says so and the dispatcher falls back.  ``deterministic=True``
+makes gemm2 write one f32 row per (token, slot) and sums the slots in order
+instead of adding atomically.
 """
 
 from __future__ import annotations
@@ -95,9 +97,12 @@ def gemm1_config(*, hidden, intermediate, num_experts, quant, activation, gate_u
     return cfg
 
 
-def gemm2_config(*, hidden, intermediate, num_experts, quant, has_bias, nt):
-    return dict(hidden=int(hidden), intermediate=int(intermediate), num_experts=int(num_experts), quant=quant,
-                has_bias=bool(has_bias), nt=bool(nt))
+def gemm2_config(*, hidden, intermediate, num_experts, quant, has_bias, nt, deterministic=False, top_k=None):
+    cfg = dict(hidden=int(hidden), intermediate=int(intermediate), num_experts=int(num_experts), quant=quant,
+               has_bias=bool(has_bias), nt=bool(nt))
+    if deterministic:
+        cfg["top_k"] = int(top_k)
+    return cfg
 
 
 def variants(*, num_experts, top_k, hidden, intermediate, quant, activation, gate_up, has_bias,
@@ -112,6 +117,7 @@ def variants(*, num_experts, top_k, hidden, intermediate, quant, activation, gat
         "quant": ("quant", quant_config(cols=Hp, fmt=_A_FMT[quant], in_dtype=in_dtype)),
         "gemm1": ("gemm1", gemm1_config(activation=activation, gate_up=gate_up, **dims)),
         "gemm2": ("gemm2", gemm2_config(**dims)),
+        "gemm2_det": ("gemm2", gemm2_config(deterministic=True, top_k=top_k, **dims)),
     }
 
 
@@ -227,24 +233,29 @@ def gemm1(xq, xs, w, s, *, tokens, quant, activation, nt, swiglu_alpha=1.702, sw
     return inter, inter_s
 
 
-def gemm2(inter, inter_s, w, s, *, tokens, quant, nt, arch="gfx950"):
-    """gemm2 kernel: y [T, Hp] bf16 (zeroed, then weighted atomic adds)."""
+def gemm2(inter, inter_s, w, s, *, tokens, top_k, quant, nt, deterministic=False, arch="gfx950"):
+    """gemm2 kernel: y [T, Hp] (bf16 from atomic adds; f32 summed over slots in order if deterministic)."""
     from .. import ffi
 
     H, I, E = w.hidden, w.intermediate, w.num_experts
     Hp, _ = ix.padded_dims(H, I)
-    _, kernel = _kernel("gemm2", gemm2_config(hidden=H, intermediate=I, num_experts=E, quant=quant,
-                                              has_bias=w.b2 is not None, nt=nt), arch)
+    cfg = gemm2_config(hidden=H, intermediate=I, num_experts=E, quant=quant, has_bias=w.b2 is not None, nt=nt,
+                       deterministic=deterministic, top_k=top_k)
+    _, kernel = _kernel("gemm2", cfg, arch)
     b2 = None
     if w.b2 is None:
         kernel = _with_nulls(kernel, {4})
     else:
         b2 = w.b2.astype(jnp.float32)
+    out_type = (jax.ShapeDtypeStruct((tokens * top_k, Hp), jnp.float32) if deterministic
+                else jax.ShapeDtypeStruct((tokens, Hp), jnp.bfloat16))
     (y,) = ffi.launch(
         kernel, ix.gemm2_grid(s.sorted_expert_ids.shape[0], Hp),
         [inter, inter_s, w.w2, w.w2_scale, b2, s.sorted_token_ids, s.sorted_weights, s.sorted_expert_ids,
          s.num_valid, ffi.Out(0), tokens],
-        [jax.ShapeDtypeStruct((tokens, Hp), jnp.bfloat16)], zero_outputs=(0,), name="moe_gemm2")
+        [out_type], zero_outputs=(0,), name="moe_gemm2")
+    if deterministic:  # one row per (token, slot): sum the slots in order
+        y = y.reshape(tokens, top_k, Hp).sum(axis=1)
     return y
 
 
@@ -253,12 +264,12 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a4w4", 
     """The shared backend signature; weights in any layout (converted to gfx950's)."""
     from .. import jnp_impl
 
-    if not supports(quant, activation) or deterministic:
-        key = (quant, activation, bool(deterministic))
+    if not supports(quant, activation):
+        key = (quant, activation)
         if key not in _warned:
             _warned.add(key)
-            warnings.warn(f"rocm backend: no gfx950 kernels for quant={quant!r}, activation={activation!r}, "
-                          f"deterministic={deterministic}; using the jnp path", stacklevel=2)
+            warnings.warn(f"rocm backend: no gfx950 kernels for quant={quant!r}, activation={activation!r}; "
+                          "using the jnp path", stacklevel=2)
         return jnp_impl.moe(x, weights, topk_weights, topk_ids, activation=activation, quant=quant,
                             deterministic=deterministic, expert_mask=expert_mask,
                             swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
@@ -277,5 +288,6 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a4w4", 
     xq, xs = quantize(xin, _A_FMT[quant], arch=arch)
     inter, inter_s = gemm1(xq, xs, w, s, tokens=T, quant=quant, activation=activation, nt=nt,
                            swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, arch=arch)
-    y = gemm2(inter, inter_s, w, s, tokens=T, quant=quant, nt=nt, arch=arch)
+    y = gemm2(inter, inter_s, w, s, tokens=T, top_k=topk_ids.shape[1], quant=quant, nt=nt,
+              deterministic=deterministic, arch=arch)
     return y[:, :H].astype(x.dtype)

@@ -173,3 +173,8 @@ class KernelBuild:
         self.block = tuple(block)
         self.params = tuple(params)
         self.launcher = launcher
+
+
+def global_store_f32x2(addr_i64, lo_f32, hi_f32):
+    """Plain 8-byte global store of two f32 at an 8-byte aligned address."""
+    llvm.store(vec_f32([fx.Float32(lo_f32), fx.Float32(hi_f32)]), global_ptr(addr_i64), alignment=8)

@@ -7,7 +7,10 @@ columns (2 tiles of 16) and runs 2 x 2 scaled MFMAs 16x16x128 per K step.
 The f32 tile goes through LDS so that each thread holds two adjacent
 columns: (acc + b2) * sorted_weight is added into y[token] (bf16, [T, Hp])
 with ``global_atomic_pk_add_bf16``; padding rows (token >= T) add nothing.
-Blocks past num_valid[0] exit at once.  y must be zeroed before the launch.
+The deterministic variant instead stores the f32 values to row
+token * k + slot of a [T * k, Hp] buffer (each (token, slot) has one row;
+the caller sums the k slots in order).  Blocks past num_valid[0] exit at
+once.  The output must be zeroed before the launch.
 """
 
 import flydsl.compiler as flyc
@@ -25,12 +28,13 @@ A_FORMATS = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
 TILES_PER_WAVE = ix.WAVE_N // ix.MFMA_N  # 2
 
 
-def kernel_name(*, hidden, intermediate, num_experts, quant, has_bias, nt):
+def kernel_name(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None):
     return (f"moe_gemm2_{quant}_h{hidden}_i{intermediate}_e{num_experts}_bm{ix.BM}"
-            + ("_bias" if has_bias else "") + ("_nt" if nt else ""))
+            + ("_bias" if has_bias else "") + ("_nt" if nt else "") + (f"_det_k{top_k}" if top_k else ""))
 
 
-def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
+def build(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None):
+    """``top_k`` set: the deterministic variant (per-slot f32 rows, no atomics)."""
     if quant not in A_FORMATS:
         raise ValueError(f"quant: expected one of {sorted(A_FORMATS)}, got {quant!r}")
     for nm, v in (("hidden", hidden), ("intermediate", intermediate)):
@@ -44,7 +48,9 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
     a_srow = Ip // MX_BLOCK
     w_expert = Hp * Ip // 2
     ws_expert = Hp * Ip // MX_BLOCK
-    name = kernel_name(hidden=H, intermediate=I, num_experts=E, quant=quant, has_bias=has_bias, nt=nt)
+    name = kernel_name(hidden=H, intermediate=I, num_experts=E, quant=quant, has_bias=has_bias, nt=nt, top_k=top_k)
+    if top_k is not None and not 0 < int(top_k) <= 64:
+        raise ValueError(f"top_k: expected 1..64, got {top_k}")
 
     @fx.struct
     class Shared:
@@ -113,7 +119,8 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
             b2_b = c.buffer(fx.Int64(b2) + e64 * (Hp * 4), Hp * 4)
             for it in fx.range_constexpr(ix.G2_PAIRS // ix.G2_THREADS):
                 r, col = ix.gemm2_pair(tid, it)
-                token = c.load(sid_b, (row0 + r) * 4, 4) & fx.Int32(0xFFFFFF)
+                entry = c.load(sid_b, (row0 + r) * 4, 4)
+                token = entry & fx.Int32(0xFFFFFF)
                 if token < tokens:
                     wgt = c.f32_from_bits(c.load(sw_b, (row0 + r) * 4, 4))
                     lo = c.lds_load(out, r * ix.BN + col)
@@ -121,8 +128,13 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt):
                     if has_bias:
                         lo = lo + c.f32_from_bits(c.load(b2_b, (c0 + col) * 4, 4))
                         hi = hi + c.f32_from_bits(c.load(b2_b, (c0 + col + 1) * 4, 4))
-                    addr = fx.Int64(y) + fx.Int64(token * Hp + c0 + col) * 2
-                    c.atomic_add_bf16x2(addr, lo * wgt, hi * wgt)
+                    if top_k is None:
+                        addr = fx.Int64(y) + fx.Int64(token * Hp + c0 + col) * 2
+                        c.atomic_add_bf16x2(addr, lo * wgt, hi * wgt)
+                    else:
+                        row = fx.Int64(token * top_k + c.shr(entry, 24))
+                        addr = fx.Int64(y) + (row * Hp + fx.Int64(c0 + col)) * 4
+                        c.global_store_f32x2(addr, lo * wgt, hi * wgt)
 
     @flyc.jit
     def launch(
