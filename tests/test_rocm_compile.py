@@ -24,7 +24,8 @@ VARIANTS = rocm.shipped_variants()
 def _id(v):
     module, cfg = v
     return module + "-" + "-".join(f"{k}={cfg[k]}" for k in sorted(cfg) if k in (
-        "num_experts", "stage", "cols", "fmt", "quant", "activation", "gate_up", "hidden", "nt"))
+        "num_experts", "stage", "cols", "fmt", "in_dtype", "quant", "activation", "gate_up", "hidden", "nt",
+        "top_k"))
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=[_id(v) for v in VARIANTS])
@@ -37,7 +38,8 @@ def test_shipped_variants_cover_both_presets_modes_and_load_policies():
     names = {m: [c for mm, c in VARIANTS if mm == m] for m in ("sort", "quant", "gemm1", "gemm2")}
     assert {(c["num_experts"], c["stage"]) for c in names["sort"]} == {
         (e, st) for e in (128, 256) for st in rocm.SORT_STAGES}
-    assert len(names["quant"]) == 4
+    assert {(c["cols"], c["fmt"], c["in_dtype"]) for c in names["quant"]} == {
+        (h, f, d) for h in (2944, 7168) for f in ("mxfp4", "mxfp8") for d in ("bf16", "f32")}
     assert {(c["hidden"], c["quant"], c["nt"]) for c in names["gemm1"]} == {
         (h, q, nt) for h in (2880, 7168) for q in ("a4w4", "a8w4") for nt in (False, True)}
     assert {(c["hidden"], c["quant"], c["nt"], c.get("top_k")) for c in names["gemm2"]} == {

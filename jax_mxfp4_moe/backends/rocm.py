@@ -122,13 +122,15 @@ def variants(*, num_experts, top_k, hidden, intermediate, quant, activation, gat
 
 
 def shipped_variants():
-    """Every (module, config) compiled for the presets: both quants, cached and nt loads."""
+    """Every (module, config) compiled for the presets: both quants, cached and nt
+    loads, bf16 and f32 activations, atomic and deterministic gemm2."""
     out = {}
     for preset in PRESETS.values():
         for quant in QUANTS:
             for nt in (False, True):
-                for mod, cfg in variants(quant=quant, nt=nt, **preset).values():
-                    out[(mod, tuple(sorted(cfg.items())))] = (mod, cfg)
+                for in_dtype in ("bf16", "f32"):
+                    for mod, cfg in variants(quant=quant, nt=nt, in_dtype=in_dtype, **preset).values():
+                        out[(mod, tuple(sorted(cfg.items())))] = (mod, cfg)
     return list(out.values())
 
 
