@@ -1,5 +1,6 @@
 #!/bin/bash
-# One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT.
+# One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
+# device tool returns at most 8 files: run few steps per call).
 # usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full sanitize ncu)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -15,11 +16,11 @@ for step in "$@"; do
       python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
       ;;
     test)  # launcher + CUDA backend, small shapes
-      timeout ${T_TEST:-420} python3 -m pytest -q -n 8 -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
+      timeout ${T_TEST:-420} python3 -m pytest -q -rf -n 8 -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
         -k "not presets" 2>&1 | tee "$OUT/test.log" | tail -25
       ;;
     presets)
-      timeout ${T_PRESETS:-170} python3 -m pytest -q -n 4 -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
+      timeout ${T_PRESETS:-170} python3 -m pytest -q -rf -n 4 -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
         | tee "$OUT/presets.log" | tail -30
       ;;
     bench)

@@ -13,8 +13,8 @@ from jax_mxfp4_moe.backends.cuda_kernels import GemmConfig
 preset = sys.argv[1] if len(sys.argv) > 1 else "gpt-oss-120b"
 tokens = [int(t) for t in (sys.argv[2] if len(sys.argv) > 2 else "1,8").split(",")]
 CANDIDATES = {
-    "shipped": (GemmConfig(32, 128, True, 4, 2), GemmConfig(64, 128, True, 8, 2)),
-    "no_prefetch": (GemmConfig(32, 128, True, 4, 1), GemmConfig(64, 128, True, 4, 1)),
+    "shipped": (GemmConfig(32, 128, True, 4, 1), GemmConfig(64, 128, True, 4, 1)),
+    "prefetch": (GemmConfig(32, 128, True, 4, 2), GemmConfig(64, 128, True, 8, 2)),
     "g1_8warps": (GemmConfig(32, 128, True, 8, 2), GemmConfig(64, 128, True, 8, 2)),
     "g2_bk256": (GemmConfig(32, 128, True, 4, 2), GemmConfig(64, 256, True, 8, 2)),
     "bk64": (GemmConfig(32, 64, True, 4, 2), GemmConfig(64, 64, True, 4, 2)),

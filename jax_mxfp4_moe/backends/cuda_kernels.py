@@ -167,17 +167,18 @@ class MoEConfig:
 # Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
 # is the balanced expectation). Small r is weight-streaming (memory bound):
 # swap so that BM can be 16 with the weight tile on the MMA's 64-row side, and
-# narrow N tiles for many CTAs per expert, and the next K step's tiles
-# prefetched; x is MX-quantised as gemm1 loads it (no extra launch). Large r is compute bound: BM=128 rows x 64 W rows per CTA
+# narrow N tiles for many CTAs per expert; x is MX-quantised as gemm1 loads
+# it (no extra launch). Prefetching the next K step (num_stages=2) measured
+# slower on an H100 (gpt-oss-120b T=8: 842 -> 1018 us; register pressure
+# halves occupancy, bench/NOTES.md), so no regime uses it. Large r is compute bound: BM=128 rows x 64 W rows per CTA
 # with 8 warps (the largest tiles that compile without local-memory spills
-# with triton's dot_scaled upcast on sm_90a, tests/test_cuda_compile.py; no
-# prefetch, which would spill), and
+# with triton's dot_scaled upcast on sm_90a, tests/test_cuda_compile.py), and
 # x is quantised once by a pre-pass instead of once per N tile (the fused
 # MXFP4 quantiser also spills at BM=128).
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2)
-    (16, 16, GemmConfig(32, 128, True, 4, 2), GemmConfig(64, 128, True, 8, 2)),
-    (64, 64, GemmConfig(32, 64, True, 8, 2), GemmConfig(64, 64, True, 8, 2)),
+    (16, 16, GemmConfig(32, 128, True, 4, 1), GemmConfig(64, 128, True, 4, 1)),
+    (64, 64, GemmConfig(32, 64, True, 8, 1), GemmConfig(64, 64, True, 8, 1)),
     (math.inf, 128, GemmConfig(32, 64, False, 8, 1, fuse_x_quant=False),
      GemmConfig(64, 64, False, 8, 1)),
 )
