@@ -215,3 +215,27 @@ def test_presets_match_reference_on_sampled_tokens(preset, quant, T):
     ref = reference.moe(np.asarray(x)[rows], w, np.asarray(tw)[rows], np.asarray(ids)[rows],
                         activation=p.activation, quant=quant)
     accuracy.assert_close(y[rows], ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+@pytest.mark.parametrize("T", [7, 300])
+def test_other_input_dtypes(dtype, T):
+    """x in f16/f32: the kernels read it in its own dtype (MX modes quantise
+    the f32 values, as the reference does)."""
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape)
+    x, tw, ids = moe_cases.make_tokens(shape, T, dtype=dtype)
+    for quant in QUANTS:
+        y = run(x, w, tw, ids, activation="silu", quant=quant)
+        accuracy.assert_close(y, reference.moe(x, w, tw, ids, activation="silu", quant=quant))
+
+
+def test_public_moe_dispatches_here_on_hopper():
+    from jax_mxfp4_moe import api
+    assert api._select("auto", "a16w4", "silu") is cuda
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape)
+    x, tw, ids = moe_cases.make_tokens(shape, 5)
+    f = jax.jit(lambda w, x, tw, ids: api.moe(x, w, tw, ids, backend="triton"))
+    y = np.asarray(f(w, x, tw, ids).astype(jnp.float32))
+    accuracy.assert_close(y, reference.moe(x, w, tw, ids))
