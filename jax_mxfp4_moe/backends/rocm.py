@@ -276,6 +276,12 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a4w4", 
                             deterministic=deterministic, expert_mask=expert_mask,
                             swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
     arch = arch or _device_arch() or "gfx950"
+    if weights.layout != LAYOUT_NAME and "layout" not in _warned:
+        _warned.add("layout")
+        warnings.warn(f"rocm backend: weights in layout {weights.layout!r} are re-laid out to "
+                      f"{LAYOUT_NAME!r} inside every call; build them once with "
+                      f"prepare_weights(..., layout={LAYOUT_NAME!r}) or weights.to_layout({LAYOUT_NAME!r})",
+                      stacklevel=2)
     w = weights.to_layout(LAYOUT_NAME)
     T, H = x.shape
     if T == 0:
