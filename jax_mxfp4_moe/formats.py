@@ -48,11 +48,11 @@ _SCALE_DIVISOR = {"mxfp4": FP4_SCALE_DIVISOR, "mxfp8": FP8_SCALE_DIVISOR}
 
 # E2M1 magnitudes by code 0..7 (code 8..15 are the negatives).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Round-to-nearest-even boundaries between consecutive E2M1 codes: a
-# magnitude above the boundary (or equal to it, when the upper code is even)
-# takes the upper code.
-_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_E2M1_TIE_UP = (False, True, False, True, False, True, False)
+# Round-to-nearest-even boundaries between consecutive E2M1 codes, with
+# whether a tie goes up: a magnitude above the boundary (or equal to it, when
+# the upper code is even) takes the upper code.  Kernels use this table too.
+E2M1_ROUNDING = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+                 (3.5, True), (5.0, False))
 
 FORMATS = ("mxfp4", "mxfp8")
 
@@ -144,7 +144,7 @@ def e2m1_encode(v: jax.Array) -> jax.Array:
     v = v.astype(jnp.float32)
     a = jnp.abs(v)
     code = jnp.zeros(v.shape, jnp.uint8)
-    for bound, tie_up in zip(_E2M1_BOUNDS, _E2M1_TIE_UP):
+    for bound, tie_up in E2M1_ROUNDING:
         code = code + ((a >= bound) if tie_up else (a > bound)).astype(jnp.uint8)
     sign = (jax.lax.bitcast_convert_type(v, jnp.uint32) >> 31).astype(jnp.uint8)
     # ml_dtypes maps NaN to a zero with the opposite sign bit.

@@ -30,7 +30,9 @@ _PKG = Path(__file__).resolve().parent.parent
 _KERNEL_DIRS = (_PKG / "kernels" / "flydsl", _PKG.parent / "kernels" / "flydsl")
 KERNEL_PACKAGE = "jax_mxfp4_moe.kernels.flydsl"
 # Plain-Python index math the kernels share with the host model.
-_SHARED_SOURCES = (Path(__file__).resolve().parent / "rocm_index.py",)
+# Package modules the kernels import (index math; the MX format constants).
+_SHARED_SOURCES = (Path(__file__).resolve().parent / "rocm_index.py",
+                   Path(__file__).resolve().parent.parent / "formats.py")
 
 
 @dataclasses.dataclass(frozen=True)

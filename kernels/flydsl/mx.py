@@ -15,13 +15,11 @@ rounding is the one ``ml_dtypes`` uses, bit for bit.
 
 import flydsl.expr as fx
 
+from jax_mxfp4_moe.formats import E2M1_ROUNDING, FP4_SCALE_DIVISOR, FP8_MAX, FP8_SCALE_DIVISOR, MX_BLOCK
+
 from .common import f32_bits, f32_from_bits, shr
 
-MX_BLOCK = 32
-_SCALE_FACTOR = {"mxfp4": 0.25, "mxfp8": 1.0 / 256.0}
-# E2M1 round-to-nearest-even boundaries; True where a tie goes up (even code above).
-_E2M1_BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-FP8_MAX = 448.0
+_SCALE_FACTOR = {"mxfp4": 1.0 / FP4_SCALE_DIVISOR, "mxfp8": 1.0 / FP8_SCALE_DIVISOR}
 
 
 def block_scale(values, fmt):
@@ -50,7 +48,7 @@ def e2m1_code(x):
     """f32 -> E2M1 code 0..15 (fx.Int32); NaN -> zero with the opposite sign."""
     a = abs(x)
     code = fx.Int32(0)
-    for bound, tie_up in _E2M1_BOUNDS:
+    for bound, tie_up in E2M1_ROUNDING:
         hit = (a >= fx.Float32(bound)) if tie_up else (a > fx.Float32(bound))
         code = code + hit.select(fx.Int32(1), fx.Int32(0))
     sign = _sign_bit(x)
