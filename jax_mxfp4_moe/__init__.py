@@ -1,6 +1,6 @@
 """Mixture-of-Experts FFN layers with MXFP4 expert weights under jax.jit."""
 
-from . import formats, layouts, reference, routing, sorting
+from . import formats, layouts, parallel, reference, routing, sorting
 from .api import moe
 from .formats import (dequantize_mxfp4, dequantize_mxfp4_np, dequantize_mxfp8, dequantize_mxfp8_np,
                       quantize_mxfp4, quantize_mxfp4_np, quantize_mxfp8, quantize_mxfp8_np)
@@ -15,5 +15,5 @@ __all__ = [
     "softmax_topk", "topk_softmax", "sigmoid_group_topk",
     "quantize_mxfp4", "dequantize_mxfp4", "quantize_mxfp8", "dequantize_mxfp8",
     "quantize_mxfp4_np", "dequantize_mxfp4_np", "quantize_mxfp8_np", "dequantize_mxfp8_np",
-    "ACTIVATIONS", "QUANT_MODES", "formats", "layouts", "reference", "routing", "sorting",
+    "ACTIVATIONS", "QUANT_MODES", "formats", "layouts", "parallel", "reference", "routing", "sorting",
 ]
