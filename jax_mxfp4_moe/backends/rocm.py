@@ -220,11 +220,7 @@ def gemm1(xq, xs, w, s, *, tokens, quant, activation, nt, swiglu_alpha=1.702, sw
                        gate_up=w.gate_up, has_bias=w.b1 is not None, nt=nt, swiglu_alpha=swiglu_alpha,
                        swiglu_limit=swiglu_limit)
     _, kernel = _kernel("gemm1", cfg, arch)
-    b1 = None
-    if w.b1 is None:
-        kernel = _with_nulls(kernel, {4})
-    else:
-        b1 = w.b1.astype(jnp.float32)
+    kernel, b1 = _optional_bias(kernel, w.b1)
     inter_bytes = Ip // 2 if quant == "a4w4" else Ip
     inter, inter_s = ffi.launch(
         kernel, ix.gemm1_grid(s.sorted_expert_ids.shape[0], Ip),
@@ -233,6 +229,13 @@ def gemm1(xq, xs, w, s, *, tokens, quant, activation, nt, swiglu_alpha=1.702, sw
         [jax.ShapeDtypeStruct((P, inter_bytes), jnp.uint8), jax.ShapeDtypeStruct((P, Ip // 32), jnp.uint8)],
         name="moe_gemm1")
     return inter, inter_s
+
+
+def _optional_bias(kernel, bias):
+    """(kernel, bias operand): an absent bias is passed as a NULL pointer (param 4)."""
+    if bias is None:
+        return _with_nulls(kernel, {4}), None
+    return kernel, bias.astype(jnp.float32)
 
 
 def gemm2(inter, inter_s, w, s, *, tokens, top_k, quant, nt, deterministic=False, arch="gfx950"):
@@ -244,11 +247,7 @@ def gemm2(inter, inter_s, w, s, *, tokens, top_k, quant, nt, deterministic=False
     cfg = gemm2_config(hidden=H, intermediate=I, num_experts=E, quant=quant, has_bias=w.b2 is not None, nt=nt,
                        deterministic=deterministic, top_k=top_k)
     _, kernel = _kernel("gemm2", cfg, arch)
-    b2 = None
-    if w.b2 is None:
-        kernel = _with_nulls(kernel, {4})
-    else:
-        b2 = w.b2.astype(jnp.float32)
+    kernel, b2 = _optional_bias(kernel, w.b2)
     out_type = (jax.ShapeDtypeStruct((tokens * top_k, Hp), jnp.float32) if deterministic
                 else jax.ShapeDtypeStruct((tokens, Hp), jnp.bfloat16))
     (y,) = ffi.launch(
