@@ -40,7 +40,9 @@ for step in "$@"; do
         | tee -a "$OUT/bench.log"
       ;;
     sweep)
-      timeout ${T_SWEEP:-150} python3 bench/sweep_decode.py gpt-oss-120b 1,8 2>&1 | grep -v Warn | tee "$OUT/sweep.log" | tail -8
+      # SWEEP="PRESET QUANT T,... CANDIDATE,..." (bench/sweep.py); appends to sweep.log
+      timeout ${T_SWEEP:-240} python3 bench/sweep.py ${SWEEP:-gpt-oss-120b a16w4 1,8,64 d_ns1,d_ns3,d_ns4} 2>&1 \
+        | grep -v Warn | tee -a "$OUT/sweep.log" | tail -20
       ;;
     bench_oss)
       timeout ${T_BENCH:-170} python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b --quant a16w4 \

@@ -84,13 +84,13 @@ def run_moe(x, w, tw, ids, act, quant, BM, g1, g2, split_k=1, det=False, alpha=1
     moe_gemm.moe_gemm1[(triton.cdiv(I, BN1), grid_m)](
         xt, w1, s1, b1, sid, sexp, nv, inter, T, H, I, alpha, limit,
         BM=BM, BN=BN1, BK=BK1, A_FMT=fmt, OUT_FMT=fmt, ACT=int(act == "swiglu_oai"),
-        INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None, SWAP=SW1, STAGES=1, num_warps=NW1)
+        INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None, SWAP=SW1, num_warps=NW1)
     BN2, BK2, SW2, NW2 = g2
     y = torch.zeros((T, K, H) if det else (T, H), dtype=torch.float32, device=dev)
     moe_gemm.moe_gemm2[(triton.cdiv(H, BN2), grid_m, split_k)](
         inter, w2, s2, b2, sid, sw, sexp, nv, y, T, H, I, K,
         BM=BM, BN=BN2, BK=BK2, SPLIT_K=split_k, HAS_BIAS=w.b2 is not None, DETERMINISTIC=det, SWAP=SW2,
-        STAGES=1, num_warps=NW2)
+        num_warps=NW2)
     if det:
         y = y.sum(1)
     return y

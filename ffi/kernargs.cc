@@ -32,12 +32,19 @@ std::string PackKernargs(const int64_t* kinds, const int64_t* values,
     uint64_t bits = 0;
     switch (static_cast<ArgKind>(kinds[i])) {
       case ArgKind::kBuffer:
+      case ArgKind::kAlignedBuffer:
         if (value < 0 || static_cast<uint64_t>(value) >= num_buffers) {
           return ParamPrefix(i) + "buffer index " + std::to_string(value) +
                  " is outside [0, " + std::to_string(num_buffers) + ")";
         }
         width = 8;
         bits = buffers[value];
+        if (static_cast<ArgKind>(kinds[i]) == ArgKind::kAlignedBuffer &&
+            bits % kBufferAlignment != 0) {
+          return ParamPrefix(i) + "buffer " + std::to_string(value) +
+                 " is not " + std::to_string(kBufferAlignment) +
+                 "-byte aligned (the kernel was compiled assuming it)";
+        }
         break;
       case ArgKind::kI32:
         if (value < INT32_MIN || value > INT32_MAX) {

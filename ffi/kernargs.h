@@ -20,7 +20,12 @@ enum class ArgKind : int64_t {
   kI64 = 3,     // value: signed 64-bit integer
   kF32 = 4,     // value: the 32 bits of an IEEE float
   kNull = 5,    // a NULL pointer (8 bytes); value ignored
+  kAlignedBuffer = 6,  // as kBuffer, and the address must be 16-byte aligned
+                       // (the kernel was compiled assuming it: vector loads)
 };
+
+// Alignment promised by kAlignedBuffer parameters.
+inline constexpr uint64_t kBufferAlignment = 16;
 
 // Largest kernarg buffer accepted (the classic CUDA parameter limit).
 inline constexpr int64_t kMaxKernargSize = 4096;

@@ -51,7 +51,9 @@ _KINDS = {
     "i64": (3, 8),
     "f32": (4, 4),
     "null": (5, 8),
+    "ptr16": (6, 8),  # a buffer the kernel assumes 16-byte aligned (checked at launch)
 }
+_POINTER_KINDS = ("ptr", "ptr16")
 _INT_RANGES = {
     "i32": (-(2**31), 2**31 - 1),
     "u32": (0, 2**32 - 1),
@@ -174,9 +176,10 @@ class Kernel:
     ``code_hash`` is the SHA-256 of the code object (from
     :func:`store_code_object` or ``codecache.cached_compile``), ``name`` its
     symbol, ``block`` the threads per block, ``shared_mem`` the dynamic shared
-    memory in bytes, ``params`` one kind per kernel parameter: "ptr", "i32",
-    "u32", "i64", "f32" or "null" (a NULL pointer, e.g. Triton's trailing
-    scratch pointers).
+    memory in bytes, ``params`` one kind per kernel parameter: "ptr", "ptr16"
+    (a buffer the kernel assumes 16-byte aligned; the launch checks it),
+    "i32", "u32", "i64", "f32" or "null" (a NULL pointer, e.g. Triton's
+    trailing scratch pointers).
     """
 
     code_hash: str
@@ -247,7 +250,7 @@ def _encode_args(kernel: Kernel, args: Sequence[Any], num_results: int):
     for i, (kind, arg) in enumerate(zip(kernel.params, args)):
         where = f"args[{i}] ({kind})"
         kinds.append(_KINDS[kind][0])
-        if kind == "ptr":
+        if kind in _POINTER_KINDS:
             if isinstance(arg, Out):
                 if arg.index >= num_results:
                     raise ValueError(

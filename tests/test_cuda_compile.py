@@ -44,26 +44,31 @@ def sass_ops(k) -> collections.Counter:
 def test_gemm1_variants_use_hgmma_without_spills(regime, fmt, act, interleaved, bias):
     _, bm, g1, _ = _REGIMES[regime]
     a_fmt = fmt if g1.fuse_x_quant else 0  # else x is quantised by mx_quant_dequant
-    k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=1, BM=bm, BN=g1.block_n,
+    k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages, BM=bm, BN=g1.block_n,
                BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act, INTERLEAVED=interleaved,
-               HAS_BIAS=bias, SWAP=g1.swap, STAGES=g1.num_stages)
+               HAS_BIAS=bias, SWAP=g1.swap)
     ops = sass_ops(k)
     assert ops["HGMMA"] > 0, ops
     assert ops["LDL"] == 0 and ops["STL"] == 0, "local-memory spills"
+    assert (ops["LDGSTS"] > 0) == (g1.num_stages > 1), ops
     assert k.block == (32 * g1.num_warps, 1, 1)
-    assert k.params[:8] == ("ptr",) * 8 and k.params[8:13] == ("i32", "i32", "i32", "f32", "f32")
+    # Every pointer is compiled as 16-byte aligned (the launch checks it), which
+    # is what lets triton vectorise the loads and pipeline them as cp.async.
+    assert k.params[:8] == ("ptr16",) * 8 and k.params[8:13] == ("i32", "i32", "i32", "f32", "f32")
 
 
 @pytest.mark.parametrize("regime", range(len(_REGIMES)))
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_gemm2_variants(regime, deterministic):
     _, bm, _, g2 = _REGIMES[regime]
-    k = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=1, BM=bm, BN=g2.block_n,
+    k = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages, BM=bm,
+               BN=g2.block_n,
                BK=g2.block_k, SPLIT_K=1 if deterministic else 2, HAS_BIAS=not deterministic,
-               DETERMINISTIC=deterministic, SWAP=g2.swap, STAGES=g2.num_stages)
+               DETERMINISTIC=deterministic, SWAP=g2.swap)
     ops = sass_ops(k)
     assert ops["HGMMA"] > 0, ops
     assert ops["LDL"] == 0 and ops["STL"] == 0
+    assert (ops["LDGSTS"] > 0) == (g2.num_stages > 1), ops
     # f32 reductions into y (RED/ATOM), not CAS loops; plain stores when deterministic.
     red = sum(c for op, c in ops.items() if op.startswith(("RED", "ATOM")))
     assert (red > 0) != deterministic, ops
@@ -73,9 +78,9 @@ def test_gemm2_variants(regime, deterministic):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_quant_kernels_compile(fp8):
     k = kernel("mx_quant", "mx_quant", num_warps=4, x_dtype="fp32", BLOCK_R=4, BLOCK_K=256, FP8=fp8)
-    assert k.params[:5] == ("ptr", "ptr", "ptr", "i32", "i32")
+    assert k.params[:5] == ("ptr16", "ptr16", "ptr16", "i32", "i32")
     k = kernel("mx_quant", "mx_quant_dequant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=fp8)
-    assert k.params[:4] == ("ptr", "ptr", "i32", "i32")
+    assert k.params[:4] == ("ptr16", "ptr16", "i32", "i32")
 
 
 @pytest.mark.parametrize("T,expected_launches", [(1, 1 + 2), (5000, 3 + 1 + 2)])

@@ -18,9 +18,9 @@ from jax_mxfp4_moe import ffi
 
 L = pytest.importorskip("jax_mxfp4_moe._launcher", reason="launcher extension not built")
 
-KINDS = ("ptr", "i32", "u32", "i64", "f32", "null")
+KINDS = ("ptr", "ptr16", "i32", "u32", "i64", "f32", "null")
 # struct format, size per kind (little endian): the oracle of the packing.
-STRUCT = {"ptr": "<Q", "i32": "<i", "u32": "<I", "i64": "<q", "f32": "<f", "null": "<Q"}
+STRUCT = {"ptr": "<Q", "ptr16": "<Q", "i32": "<i", "u32": "<I", "i64": "<q", "f32": "<f", "null": "<Q"}
 HASH = hashlib.sha256(b"not a real code object").hexdigest()
 
 
@@ -94,7 +94,7 @@ def oracle_pack(params, values, buffers):
     offsets, size = ffi.kernarg_layout(params)
     out = bytearray(size)
     for kind, off, v in zip(params, offsets, values):
-        if kind == "ptr":
+        if kind in ("ptr", "ptr16"):
             v = buffers[v]
         elif kind == "null":
             v = 0
@@ -105,7 +105,7 @@ def oracle_pack(params, values, buffers):
 
 
 def draw_value(draw, kind, num_buffers):
-    if kind == "ptr":
+    if kind in ("ptr", "ptr16"):
         return draw(st.integers(0, num_buffers - 1))
     if kind == "i32":
         return draw(st.integers(-(2**31), 2**31 - 1))
@@ -120,7 +120,9 @@ def draw_value(draw, kind, num_buffers):
 @st.composite
 def launches(draw):
     params = draw(st.lists(st.sampled_from(KINDS), max_size=24))
-    buffers = draw(st.lists(st.integers(1, 2**64 - 1), min_size=1, max_size=6))
+    # 16-byte aligned addresses, as XLA allocates them ("ptr16" requires it).
+    buffers = draw(st.lists(st.integers(1, 2**60 - 1).map(lambda b: 16 * b), min_size=1,
+                            max_size=6))
     values = [draw_value(draw, k, len(buffers)) for k in params]
     return params, values, buffers
 
@@ -143,11 +145,12 @@ def test_cpp_packing_agrees_with_layout_and_oracle(launch):
     ([1, 1], [0, 0], [0, 2], 8, "overlap"),
     ([9], [0], [0], 8, "unknown kind 9"),
     ([1], [0], [-4], 8, "do not fit"),
+    ([6, 6], [0, 1], [0, 8], 16, "parameter 1: buffer 1 is not 16-byte aligned"),
 ])
 def test_cpp_packing_rejects_bad_descriptions(kinds, values, offsets, size, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")
                        .replace(")", r"\)").replace("^", r"\^")):
-        L.pack_kernargs(kinds, values, offsets, size, [0x1000, 0x2000])
+        L.pack_kernargs(kinds, values, offsets, size, [0x1000, 0x2008])
 
 
 def test_cpp_packing_rejects_oversize():

@@ -92,6 +92,9 @@ def test_param_kinds_mapping():
     names = ["p", "i", "u", "l", "f", "C"]
     sig = {"p": "*bf16", "i": "i32", "u": "u32", "l": "i64", "f": "fp32"}
     assert param_kinds(names, sig, {"C": 3}) == ["ptr", "i32", "u32", "i64", "f32"]
+    # a pointer compiled as 16-byte aligned is launched as "ptr16" (checked)
+    assert param_kinds(names, sig, {"C": 3}, aligned=("p", "i")) == [
+        "ptr16", "i32", "u32", "i64", "f32"]
 
 
 @pytest.mark.parametrize("signature, constexprs, match", [

@@ -159,11 +159,11 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     if fmt and not g1.fuse_x_quant:
         x = _quant_dequant(x, fp8=fmt == 2)
         a_fmt = 0
-    k1 = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=1,
+    k1 = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
                 x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt,
                 ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
-                HAS_BIAS=w.b1 is not None, SWAP=g1.swap, STAGES=g1.num_stages)
+                HAS_BIAS=w.b1 is not None, SWAP=g1.swap)
     (inter,) = launch(
         k1, (-(-I // g1.block_n), grid_m, 1),
         [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, s.sorted_token_ids,
@@ -172,10 +172,9 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)], name="moe_gemm1")
 
     g2 = cfg.gemm2
-    k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=1,
+    k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages,
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
-                HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
-                STAGES=g2.num_stages)
+                HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap)
     y_shape = (T, K, H) if deterministic else (T, H)
     (acc,) = launch(
         k2, (-(-H // g2.block_n), grid_m, g2.split_k),

@@ -68,6 +68,16 @@ _SIGNATURES = {
         I="i32", TOPK="i32"),
 }
 
+# Integer arguments that are multiples of 16 by the input contract (H and I
+# are multiples of the MX block, 32): with every pointer (XLA buffers are
+# 16-byte aligned; the launcher checks), they are compiled as divisible by 16.
+_MULTIPLES_OF_16 = {
+    ("mx_quant", "mx_quant"): ("K",),
+    ("mx_quant", "mx_quant_dequant"): ("K",),
+    ("moe_gemm", "moe_gemm1"): ("H", "I"),
+    ("moe_gemm", "moe_gemm2"): ("H", "I"),
+}
+
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -87,15 +97,18 @@ def get_kernel(module: str, name: str, constexprs: tuple, num_warps: int, num_st
 
     signature = {k: v.format(x=x_dtype) for k, v in _SIGNATURES[(module, name)].items()}
     consts = dict(constexprs)
+    aligned = tuple(n for n, ty in signature.items() if ty.startswith("*")) \
+        + _MULTIPLES_OF_16.get((module, name), ())
     key = dict(kernel=f"{module}.{name}", source=source_hash(), signature=signature,
-               constexprs=consts, arch=ARCH, num_warps=num_warps, num_stages=num_stages)
+               constexprs=consts, arch=ARCH, num_warps=num_warps, num_stages=num_stages,
+               divisible_by_16=aligned)
 
     def build():
         from .triton_compile import compile_triton
         fn = getattr(importlib.import_module(f"{kernel_modules().__name__}.{module}"), name)
         # codecache logs the compile time of each variant at INFO.
         return compile_triton(fn, signature, consts, arch=ARCH, num_warps=num_warps,
-                              num_stages=num_stages)
+                              num_stages=num_stages, divisible_by_16=aligned)
 
     code_hash, meta = _cached(key, build)
     return ffi.Kernel(code_hash, meta["name"], block=(32 * meta["num_warps"], 1, 1),
@@ -152,7 +165,7 @@ class GemmConfig:
     block_k: int
     swap: bool        # W @ A^T: weight rows on the MMA's M side (small BM)
     num_warps: int
-    num_stages: int   # 2: the K loop prefetches the next step's tiles; 1: it does not
+    num_stages: int   # triton's software pipeline depth (cp.async copies in flight)
     split_k: int = 1  # gemm2 only
     fuse_x_quant: bool = True  # gemm1 only: MX-quantise A as it loads (else a pre-pass)
 
@@ -177,10 +190,10 @@ class MoEConfig:
 # MXFP4 quantiser also spills at BM=128).
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2)
-    (16, 16, GemmConfig(32, 128, True, 4, 1), GemmConfig(64, 128, True, 4, 1)),
-    (64, 64, GemmConfig(32, 64, True, 8, 1), GemmConfig(64, 64, True, 8, 1)),
-    (math.inf, 128, GemmConfig(32, 64, False, 8, 1, fuse_x_quant=False),
-     GemmConfig(64, 64, False, 8, 1)),
+    (16, 16, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
+    (64, 64, GemmConfig(32, 64, True, 8, 3), GemmConfig(64, 64, True, 8, 3)),
+    (math.inf, 128, GemmConfig(32, 64, False, 8, 3, fuse_x_quant=False),
+     GemmConfig(64, 64, False, 8, 3)),
 )
 
 

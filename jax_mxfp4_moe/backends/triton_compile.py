@@ -18,13 +18,15 @@ from typing import Any, Sequence
 
 # Triton scalar / pointer types -> ffi parameter kinds.
 _SCALAR_KINDS = {"i32": "i32", "u32": "u32", "i64": "i64", "u64": "i64", "fp32": "f32"}
-_KIND_BYTES = {"ptr": 8, "null": 8, "i32": 4, "u32": 4, "i64": 8, "f32": 4}
+_KIND_BYTES = {"ptr": 8, "ptr16": 8, "null": 8, "i32": 4, "u32": 4, "i64": 8, "f32": 4}
 _PTX_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4,
               "u16": 2, "s16": 2, "b16": 2, "u8": 1, "s8": 1, "b8": 1}
 
 
-def param_kinds(arg_names: Sequence[str], signature: dict, constexprs: dict) -> list[str]:
-    """ffi kinds of the kernel's runtime parameters, in argument order."""
+def param_kinds(arg_names: Sequence[str], signature: dict, constexprs: dict,
+                aligned: Sequence[str] = ()) -> list[str]:
+    """ffi kinds of the kernel's runtime parameters, in argument order; the
+    pointers named in ``aligned`` are "ptr16" (the launch checks them)."""
     kinds = []
     for name in arg_names:
         if name in constexprs:
@@ -35,7 +37,7 @@ def param_kinds(arg_names: Sequence[str], signature: dict, constexprs: dict) -> 
         if ty == "constexpr":
             raise ValueError(f"constexprs: argument {name!r} is constexpr but has no value")
         if ty.startswith("*"):
-            kinds.append("ptr")
+            kinds.append("ptr16" if name in aligned else "ptr")
         elif ty in _SCALAR_KINDS:
             kinds.append(_SCALAR_KINDS[ty])
         else:
@@ -90,7 +92,7 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
     if not isinstance(num_warps, int) or num_warps < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"num_warps: expected a power of two, got {num_warps!r}")
 
-    params = param_kinds(arg_names, signature, constexprs)
+    params = param_kinds(arg_names, signature, constexprs, aligned=divisible_by_16)
     full_signature = {n: ("constexpr" if n in constexprs else signature[n]) for n in arg_names}
     attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
     src = ASTSource(fn, full_signature, constexprs=dict(constexprs), attrs=attrs)

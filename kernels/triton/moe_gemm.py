@@ -64,34 +64,24 @@ def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k0, 
 @triton.jit
 def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo, k_hi, K,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               A_FMT: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr):
-    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN] (or [BN, BM]).
+               A_FMT: tl.constexpr, SWAP: tl.constexpr):
+    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN].
 
-    The fp4 upcast inside dot_scaled keeps triton from pipelining these loads
-    (they feed registers, not shared memory), so the loop prefetches by hand:
-    the tiles of step k+1 are requested before step k is computed, which
-    keeps twice the bytes in flight per CTA (STAGES > 1), or not (STAGES == 1).
-    """
+    A plain loop, so that triton's pipeliner (num_stages) turns the loads into
+    cp.async copies several steps ahead; it can only because every pointer
+    and K are compiled as 16-byte aligned (cuda_kernels)."""
     if SWAP:
         acc = tl.zeros((BN, BM), tl.float32)
     else:
         acc = tl.zeros((BM, BN), tl.float32)
-    a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
-                           k_lo, k_hi, K, BK)
     for k0 in range(k_lo, k_hi, BK):
-        if STAGES > 1:
-            a_next, w_next, ws_next = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr,
-                                                  w_row, w_row_ok, k0 + BK, k_hi, K, BK)
+        a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
+                               k0, k_hi, K, BK)
         if A_FMT == 0:
             a = a.to(tl.bfloat16)
         else:
             a = mx_fake_quant(a.to(tl.float32), BM, BK, A_FMT == 2).to(tl.bfloat16)
         acc = _mx_dot(acc, a, w, ws, SWAP)
-        if STAGES > 1:
-            a, w, ws = a_next, w_next, ws_next
-        else:
-            a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
-                                   k0 + BK, k_hi, K, BK)
     if SWAP:
         acc = tl.trans(acc)
     return acc
@@ -103,7 +93,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SWAP: tl.constexpr, STAGES: tl.constexpr):
+              SWAP: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for BN columns n
     of the intermediate; ACT 0 = silu, 1 = swiglu_oai. out is [P, I] bf16."""
     if tl.program_id(1) * BM >= tl.load(nv_ptr):
@@ -121,7 +111,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
     w_row_ok = n < I
     acc = _gemm_loop(x_ptr, tok * H, row_ok,
                      w_ptr + e * (2 * I) * (H // 2), ws_ptr + e * (2 * I) * (H // 32),
-                     w_row, w_row_ok, 0, H, H, BM, 2 * BN, BK, A_FMT, SWAP, STAGES)
+                     w_row, w_row_ok, 0, H, H, BM, 2 * BN, BK, A_FMT, SWAP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * (2 * I) + w_row, mask=w_row_ok, other=0.0)[None, :]
     g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
@@ -145,7 +135,7 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
               T, H, I, TOPK,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr, STAGES: tl.constexpr):
+              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr):
     """sorted_weight(r) * (inter[r] @ W2[e, n]^T + b2[e, n]) for BN columns n of
     H, added into y [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1)
     stored into y [T, TOPK, H] f32 at (token, slot)."""
@@ -160,7 +150,7 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
     k_hi = tl.minimum(k_lo + k_len, I)
     acc = _gemm_loop(inter_ptr, rows * I, row_ok,
                      w_ptr + e * H * (I // 2), ws_ptr + e * H * (I // 32),
-                     cols, col_ok, k_lo, k_hi, I, BM, BN, BK, 0, SWAP, STAGES)
+                     cols, col_ok, k_lo, k_hi, I, BM, BN, BK, 0, SWAP)
     if HAS_BIAS:
         if tl.program_id(2) == 0:
             acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]

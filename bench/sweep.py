@@ -1,0 +1,56 @@
+"""Block configurations compared on the device, in one process: each candidate
+replaces the config table with a single regime, and the bench times this
+package's moe (ours only) at the given T.
+usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[,CANDIDATE...]"""
+
+import sys
+
+import jax
+
+from jax_mxfp4_moe import bench
+from jax_mxfp4_moe.backends import cuda_kernels
+from jax_mxfp4_moe.backends.cuda_kernels import GemmConfig as G
+
+# name: (BM, gemm1, gemm2); G(block_n, block_k, swap, num_warps, num_stages)
+CANDIDATES = {
+    # decode: W rows on the MMA's M side, BM = 16 tokens
+    "d_ns1": (16, G(32, 128, True, 4, 1), G(64, 128, True, 4, 1)),
+    "d_ns3": (16, G(32, 128, True, 4, 3), G(64, 128, True, 4, 3)),
+    "d_ns4": (16, G(32, 128, True, 4, 4), G(64, 128, True, 4, 4)),
+    "d_ns6": (16, G(32, 128, True, 4, 6), G(64, 128, True, 4, 6)),
+    "d_bn64": (16, G(64, 128, True, 4, 3), G(128, 128, True, 4, 3)),
+    "d_bk256": (16, G(32, 256, True, 4, 3), G(64, 256, True, 4, 3)),
+    "d_w8": (16, G(32, 128, True, 8, 4), G(64, 128, True, 8, 4)),
+    "m64": (64, G(32, 64, True, 8, 3), G(64, 64, True, 8, 3)),
+    "m64_bk128": (64, G(32, 128, True, 8, 3), G(64, 128, True, 8, 3)),
+    # prefill: tokens on the M side, BM = 128
+    "p_32": (128, G(32, 64, False, 8, 3, fuse_x_quant=False), G(64, 64, False, 8, 3)),
+    "p_64": (128, G(64, 64, False, 8, 3, fuse_x_quant=False), G(128, 64, False, 8, 3)),
+    "p_64s4": (128, G(64, 64, False, 8, 4, fuse_x_quant=False), G(128, 64, False, 8, 4)),
+    "p_128": (128, G(128, 64, False, 8, 3, fuse_x_quant=False), G(256, 64, False, 8, 3)),
+    "p_64w4": (128, G(64, 64, False, 4, 3, fuse_x_quant=False), G(128, 64, False, 4, 3)),
+}
+
+
+def main(preset, quant, tokens, names):
+    ceilings = None
+    for name in names:
+        bm, g1, g2 = CANDIDATES[name]
+        cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2),)
+        cuda_kernels.get_kernel.cache_clear()
+        jax.clear_caches()
+        try:
+            res = bench.run(preset, tokens, quant, reps=20, baselines=(), ceilings=ceilings,
+                            log=lambda s: None)
+        except Exception as e:  # a config that fails to compile or run is reported
+            print(f"{name:>10}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        h = res["header"]
+        ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
+        cells = [f"T={r['T']}: {r['results']['ours']['time_s'] * 1e6:8.1f} us "
+                 f"({r['results']['ours']['pct_roofline']:4.1f}%)" for r in res["rows"]]
+        print(f"{name:>10}: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")], sys.argv[4].split(","))
