@@ -62,10 +62,11 @@ for step in "$@"; do
         2>&1 | tee "$OUT/racecheck.log" | tail -8
       ;;
     ncu)  # per-kernel time, DRAM throughput, tensor-pipe use, occupancy of one call
-      for cfg in "gpt-oss-120b 1 a16w4"; do
-        set -- $cfg
+      for cfg in ${NCU_CASES:-gpt-oss-120b:1:a16w4}; do  # PRESET:T:QUANT ...
+        set -- ${cfg//:/ }
         timeout ${T_NCU:-90} ncu --launch-skip-before-match 0 -k "regex:moe_|mx_quant" --launch-count 12 \
-          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          --section SchedulerStats \
           --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active \
           python3 bench/profile_decode.py $1 $2 $3 > "$OUT/ncu_$1_$2.txt" 2>&1
         grep -E "moe_|mx_quant|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80

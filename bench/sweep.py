@@ -21,6 +21,9 @@ CANDIDATES = {
     "d_bn64": (16, G(64, 128, True, 4, 3), G(128, 128, True, 4, 3)),
     "d_bk256": (16, G(32, 256, True, 4, 3), G(64, 256, True, 4, 3)),
     "d_w8": (16, G(32, 128, True, 8, 4), G(64, 128, True, 8, 4)),
+    "d_w2": (16, G(32, 128, True, 2, 3), G(64, 128, True, 2, 3)),
+    "d_w2n16": (16, G(16, 128, True, 2, 3), G(32, 128, True, 2, 3)),
+    "d_w2k256": (16, G(32, 256, True, 2, 3), G(64, 256, True, 2, 3)),
     "m64": (64, G(32, 64, True, 8, 3), G(64, 64, True, 8, 3)),
     "m64_bk128": (64, G(32, 128, True, 8, 3), G(64, 128, True, 8, 3)),
     # prefill: tokens on the M side, BM = 128
@@ -28,6 +31,10 @@ CANDIDATES = {
     "p_64": (128, G(64, 64, False, 8, 3, fuse_x_quant=False), G(128, 64, False, 8, 3)),
     "p_64s4": (128, G(64, 64, False, 8, 4, fuse_x_quant=False), G(128, 64, False, 8, 4)),
     "p_128": (128, G(128, 64, False, 8, 3, fuse_x_quant=False), G(256, 64, False, 8, 3)),
+    "p_64w4s4": (128, G(64, 64, False, 4, 4, fuse_x_quant=False), G(128, 64, False, 4, 4)),
+    "p_128w8": (128, G(128, 64, False, 8, 3, fuse_x_quant=False), G(256, 64, False, 8, 3)),
+    "p_64w8k128": (128, G(64, 128, False, 8, 3, fuse_x_quant=False), G(128, 128, False, 8, 3)),
+    "m64w4": (64, G(64, 64, False, 4, 3, fuse_x_quant=False), G(128, 64, False, 4, 3)),
     "p_64w4": (128, G(64, 64, False, 4, 3, fuse_x_quant=False), G(128, 64, False, 4, 3)),
 }
 
