@@ -163,7 +163,8 @@ SORT_CHUNK = 2048
 class GemmConfig:
     block_n: int      # gemm1: intermediate columns (2x W1 rows); gemm2: H columns
     block_k: int
-    swap: bool        # W @ A^T: weight rows on the MMA's M side (small BM)
+    swap: int         # operand order / upcast, kernels/triton/moe_gemm.py SWAP:
+                      # 0 tokens on the MMA's M side; 1, 2 weight rows on it (small BM)
     num_warps: int
     num_stages: int   # triton's software pipeline depth (cp.async copies in flight)
     split_k: int = 1  # gemm2 only
@@ -190,10 +191,10 @@ class MoEConfig:
 # MXFP4 quantiser also spills at BM=128).
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2)
-    (16, 16, GemmConfig(32, 128, True, 4, 3), GemmConfig(64, 128, True, 4, 3)),
-    (64, 64, GemmConfig(32, 64, True, 8, 3), GemmConfig(64, 64, True, 8, 3)),
-    (math.inf, 128, GemmConfig(32, 64, False, 8, 3, fuse_x_quant=False),
-     GemmConfig(64, 64, False, 8, 3)),
+    (16, 16, GemmConfig(32, 128, 2, 2, 3), GemmConfig(64, 128, 2, 2, 3)),
+    (64, 64, GemmConfig(64, 64, 0, 4, 3, fuse_x_quant=False), GemmConfig(128, 64, 0, 4, 3)),
+    (math.inf, 128, GemmConfig(64, 64, 0, 4, 3, fuse_x_quant=False),
+     GemmConfig(128, 64, 0, 4, 3)),
 )
 
 

@@ -4,15 +4,19 @@ Both kernels walk BM-row blocks of the sort contract (DESIGN §3): program
 (n, m[, k]) handles rows [m*BM, (m+1)*BM) of the sorted order, whose expert is
 sorted_expert_ids[m]; blocks at or past num_valid[0] return at once.
 Weights are MXFP4 [E, N, K/2] (element 2i in the low nibble) with E8M0 scales
-[E, N, K/32]; tl.dot_scaled upcasts them to bf16 for the tensor cores.
+[E, N, K/32], upcast to bf16 in-kernel for the tensor cores.
 
 Activation formats (A_FMT / OUT_FMT): 0 = bf16, 1 = MXFP4, 2 = MXFP8. The MX
 modes quantise with the formats rule and keep the exact dequantised values in
 bf16 (Hopper has no fp4 tensor-core op, so the dot runs on bf16 either way).
 
-SWAP computes the transposed product W @ A^T, so the weight rows fill the
-tensor core's M dimension (>= 64) while the token block BM can be 16: the
-decode regime.
+SWAP selects the operand order:
+  0: A @ W^T, tokens on the MMA's M side (tl.dot_scaled upcasts W): prefill.
+  1: W @ A^T, weight rows on the M side, so the token block BM can be 16
+     (tl.dot_scaled upcasts W).
+  2: as 1, with W upcast by e2m1_even_odd: an elementwise bit-twiddle of the
+     packed bytes (no reshuffle of the upcast values through shared memory),
+     multiplied against x's even and odd columns in two dots: decode.
 """
 
 import triton
@@ -30,6 +34,79 @@ def _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM: tl.constexpr):
     slot = packed >> 24
     expert = tl.load(sexp_ptr + m)
     return rows, tok, slot, tok < T, expert
+
+
+@triton.jit
+def e2m1_even_odd(w):
+    """Packed E2M1 [R, C] (uint8, element 2i in the low nibble) -> (even, odd)
+    elements as bf16 [R, C] each, exact. Elementwise (same shape in and out),
+    so triton can load the bytes straight into the MMA operand layout."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, a, b, bias;
+        mov.b32 bias, 0x7e807e80;           // 2**126 in both bf16 halves
+        // bytes 0, 1 -> halves of t; the same for bytes 2, 3 below
+        prmt.b32 t, $4, 0, 0x4140;
+        // bf16 bits of e2m1 code n: sign (n & 8) << 12, magnitude (n & 7) << 6
+        // (= value * 2**-126, E2M1's subnormal 0.5 on bf16's subnormal)
+        shl.b32 a, t, 6;
+        shl.b32 b, t, 12;
+        and.b32 a, a, 0x01c001c0;
+        and.b32 b, b, 0x80008000;
+        or.b32 $0, a, b;
+        mul.rn.bf16x2 $0, $0, bias;
+        shl.b32 a, t, 2;
+        shl.b32 b, t, 8;
+        and.b32 a, a, 0x01c001c0;
+        and.b32 b, b, 0x80008000;
+        or.b32 $2, a, b;
+        mul.rn.bf16x2 $2, $2, bias;
+        prmt.b32 t, $4, 0, 0x4342;
+        shl.b32 a, t, 6;
+        shl.b32 b, t, 12;
+        and.b32 a, a, 0x01c001c0;
+        and.b32 b, b, 0x80008000;
+        or.b32 $1, a, b;
+        mul.rn.bf16x2 $1, $1, bias;
+        shl.b32 a, t, 2;
+        shl.b32 b, t, 8;
+        and.b32 a, a, 0x01c001c0;
+        and.b32 b, b, 0x80008000;
+        or.b32 $3, a, b;
+        mul.rn.bf16x2 $3, $3, bias;
+        }""",
+        constraints="=r,=r,=r,=r,r",
+        args=[w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def e8m0_bf16(ws):
+    """E8M0 scale bytes -> 2**(byte - 127) as bf16; byte 255 (NaN) -> NaN,
+    byte 0 -> 2**-127 (a bf16 subnormal)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, nan, zero;
+        .reg .pred p;
+        prmt.b32 t, $2, 0, 0x5140;       // bytes 0, 1 -> the two halves
+        shl.b32 $0, t, 7;                // exponent field
+        prmt.b32 t, $2, 0, 0x7362;       // bytes 2, 3
+        shl.b32 $1, t, 7;
+        }""",
+        constraints="=r,=r,r", args=[ws], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _mx_dot_even_odd(acc, xe, xo, w, ws):
+    """acc += upcast(w, ws) @ [xe | xo] over interleaved K: W as the MMA's A
+    operand, its even and odd elements against x's even and odd columns."""
+    R: tl.constexpr = w.shape[0]
+    C: tl.constexpr = w.shape[1]
+    even, odd = e2m1_even_odd(w)
+    s = e8m0_bf16(ws)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (R, C // 16, 16)), (R, C))
+    acc = tl.dot(even * s, tl.trans(xe), acc)
+    acc = tl.dot(odd * s, tl.trans(xo), acc)
+    return acc
 
 
 @triton.jit
@@ -81,7 +158,11 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo,
             a = a.to(tl.bfloat16)
         else:
             a = mx_fake_quant(a.to(tl.float32), BM, BK, A_FMT == 2).to(tl.bfloat16)
-        acc = _mx_dot(acc, a, w, ws, SWAP)
+        if SWAP == 2:
+            xe, xo = tl.split(tl.reshape(a, (BM, BK // 2, 2)))
+            acc = _mx_dot_even_odd(acc, xe, xo, w, ws)
+        else:
+            acc = _mx_dot(acc, a, w, ws, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     return acc
