@@ -23,8 +23,9 @@ for step in "$@"; do
       timeout ${T_PRESETS:-170} python3 -m pytest -q -rf -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
         | tee "$OUT/presets.log" | tail -30
       ;;
-    bench)
-      timeout 300 python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b --tokens 1,8,64 \
+    bench)  # ours only, both presets
+      timeout ${T_BENCH:-300} python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b,deepseek-v3 \
+        --tokens ${TOKENS:-1,8,64} --baselines none \
         --json "$OUT/bench_quick.json" 2>&1 | grep -v Warn | tee "$OUT/bench_quick.log"
       ;;
     bench_full)  # each run bounded, so the finished ones always come back
@@ -55,7 +56,7 @@ for step in "$@"; do
       ;;
     sanitize)
       timeout ${T_MEMCHECK:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
-        tests/test_cuda_gpu.py -k "not presets and (sort_kernel_matches or quantize or (moe_small and a8w4-silu-separated-True-7) or edge or nan)" \
+        tests/test_cuda_gpu.py -k "${MEMCHECK_K:-not presets and (sort_kernel_matches or quantize or (moe_small and a8w4-silu-separated-True-7) or edge or nan or every_config)}" \
         2>&1 | tee "$OUT/memcheck.log" | tail -15
       timeout ${T_RACECHECK:-70} compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
         tests/test_cuda_gpu.py -k "test_moe_small_matches_reference and a16w4-silu-separated-True-7" \

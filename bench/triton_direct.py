@@ -82,9 +82,10 @@ def run_moe(x, w, tw, ids, act, quant, BM, g1, g2, split_k=1, det=False, alpha=1
     inter = torch.empty(P, I, dtype=torch.bfloat16, device=dev)
     BN1, BK1, SW1, NW1 = g1
     moe_gemm.moe_gemm1[(triton.cdiv(I, BN1), grid_m)](
-        xt, w1, s1, b1, sid, sexp, nv, inter, T, H, I, alpha, limit,
+        xt, w1, s1, b1, sid, sexp, nv, inter, sw, nv, T, H, I, alpha, limit,
         BM=BM, BN=BN1, BK=BK1, A_FMT=fmt, OUT_FMT=fmt, ACT=int(act == "swiglu_oai"),
-        INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None, SWAP=SW1, num_warps=NW1)
+        INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None, SWAP=SW1, SPLIT_K=1,
+        num_warps=NW1)
     BN2, BK2, SW2, NW2 = g2
     y = torch.zeros((T, K, H) if det else (T, H), dtype=torch.float32, device=dev)
     moe_gemm.moe_gemm2[(triton.cdiv(H, BN2), grid_m, split_k)](

@@ -17,6 +17,7 @@ import moe_cases
 pytestmark = pytest.mark.gpu
 
 cuda = pytest.importorskip("jax_mxfp4_moe.backends.cuda")
+from jax_mxfp4_moe.backends import cuda_kernels  # noqa: E402
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTS = ("silu", "swiglu_oai")
@@ -103,6 +104,28 @@ def test_moe_small_matches_reference(quant, activation, gate_up, bias, T):
     for deterministic in (False, True):
         y = run(x, w, tw, ids, activation=activation, quant=quant, deterministic=deterministic)
         accuracy.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("regime", range(len(cuda_kernels._REGIMES)))
+def test_every_config_regime_and_split_k(monkeypatch, regime, split):
+    """Each row of the config table at small shapes (where the heuristic would
+    pick it for other T), with K split 2 ways and 3 ways (H = 2 K steps: one
+    slice is empty), and with x's MX quantisation fused into gemm1's loads."""
+    import dataclasses
+    _, bm, g1, g2 = cuda_kernels._REGIMES[regime]
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True)
+    for fuse in (False, True):
+        cfg = cuda_kernels.MoEConfig(
+            bm, dataclasses.replace(g1, split_k=split, fuse_x_quant=fuse),
+            dataclasses.replace(g2, split_k=split))
+        monkeypatch.setattr(cuda, "choose_config", lambda *a, cfg=cfg, **k: cfg)
+        for quant, T in (("a16w4", 7), ("a8w4", 64), ("a4w4", 1)):
+            x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
+            ref = reference.moe(x, w, tw, ids, activation="swiglu_oai", quant=quant)
+            y = run(x, w, tw, ids, activation="swiglu_oai", quant=quant)
+            accuracy.assert_close(y, ref)
 
 
 def test_deterministic_variant_is_bitwise_repeatable():

@@ -163,13 +163,21 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt,
                 ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
-                HAS_BIAS=w.b1 is not None, SWAP=g1.swap)
-    (inter,) = launch(
-        k1, (-(-I // g1.block_n), grid_m, 1),
+                HAS_BIAS=w.b1 is not None, SWAP=g1.swap, SPLIT_K=g1.split_k)
+    grid1 = (-(-I // g1.block_n), grid_m, g1.split_k)
+    outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
+    if g1.split_k > 1:  # zeroed scratch: partial sums of the launched rows, tile counters
+        outs1 += [jax.ShapeDtypeStruct((grid_m * BM, 2 * I), jnp.float32),
+                  jax.ShapeDtypeStruct((grid1[0] * grid_m,), jnp.int32)]
+        scratch = [ffi.Out(1), ffi.Out(2)]
+    else:
+        scratch = [dummy, s.num_valid]  # never touched
+    inter = launch(
+        k1, grid1,
         [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, s.sorted_token_ids,
-         s.sorted_expert_ids, s.num_valid, ffi.Out(0), T, H, I, float(swiglu_alpha),
-         float(swiglu_limit)],
-        [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)], name="moe_gemm1")
+         s.sorted_expert_ids, s.num_valid, ffi.Out(0), *scratch, T, H, I,
+         float(swiglu_alpha), float(swiglu_limit)],
+        outs1, zero_outputs=(1, 2) if g1.split_k > 1 else (), name="moe_gemm1")[0]
 
     g2 = cfg.gemm2
     k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages,

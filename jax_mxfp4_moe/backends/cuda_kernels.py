@@ -60,7 +60,7 @@ _SIGNATURES = {
         x_ptr="*{x}", y_ptr="*bf16", n_rows="i32", K="i32"),
     ("moe_gemm", "moe_gemm1"): dict(
         x_ptr="*{x}", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
-        nv_ptr="*i32", out_ptr="*bf16", T="i32", H="i32", I="i32", swiglu_alpha="fp32",
+        nv_ptr="*i32", out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", T="i32", H="i32", I="i32", swiglu_alpha="fp32",
         swiglu_limit="fp32"),
     ("moe_gemm", "moe_gemm2"): dict(
         inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
@@ -167,7 +167,7 @@ class GemmConfig:
                       # 0 tokens on the MMA's M side; 1, 2 weight rows on it (small BM)
     num_warps: int
     num_stages: int   # triton's software pipeline depth (cp.async copies in flight)
-    split_k: int = 1  # gemm2 only
+    split_k: int = 1  # set by choose_config
     fuse_x_quant: bool = True  # gemm1 only: MX-quantise A as it loads (else a pre-pass)
 
 
@@ -179,23 +179,35 @@ class MoEConfig:
 
 
 # Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
-# is the balanced expectation). Small r is weight-streaming (memory bound):
-# swap so that BM can be 16 with the weight tile on the MMA's 64-row side, and
-# narrow N tiles for many CTAs per expert; x is MX-quantised as gemm1 loads
-# it (no extra launch). Prefetching the next K step (num_stages=2) measured
-# slower on an H100 (gpt-oss-120b T=8: 842 -> 1018 us; register pressure
-# halves occupancy, bench/NOTES.md), so no regime uses it. Large r is compute bound: BM=128 rows x 64 W rows per CTA
-# with 8 warps (the largest tiles that compile without local-memory spills
-# with triton's dot_scaled upcast on sm_90a, tests/test_cuda_compile.py), and
-# x is quantised once by a pre-pass instead of once per N tile (the fused
-# MXFP4 quantiser also spills at BM=128).
+# is the balanced expectation), from sweeps on an H100 (bench/sweep.py,
+# bench/NOTES.md). Small r streams weights (memory bound): weight rows on the
+# MMA's M side (SWAP=2: the cheap elementwise fp4 upcast), token blocks of
+# 16-64 rows, 2-warp mma.sync tiles (a 4-warp wgmma tile waits on shared
+# memory: ~2x slower at T=8) and split-K when too few CTAs would stream the
+# weights. Large r is compute bound: 128 token rows x 128 W rows per 4-warp
+# CTA, triton's dot_scaled upcast. In the MX modes x is quantised once by a
+# pre-pass rather than once per N tile in gemm1's loop (which costs as much as
+# the weight upcast at BM=16, and spills with split-K). Every loop is
+# software-pipelined 3 deep (cp.async).
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2)
-    (16, 16, GemmConfig(32, 128, 2, 2, 3), GemmConfig(64, 128, 2, 2, 3)),
-    (64, 64, GemmConfig(64, 64, 0, 4, 3, fuse_x_quant=False), GemmConfig(128, 64, 0, 4, 3)),
+    (16, 16, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3)),
+    (32, 32, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3)),
+    (64, 64, GemmConfig(32, 128, 2, 4, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 4, 3)),
     (math.inf, 128, GemmConfig(64, 64, 0, 4, 3, fuse_x_quant=False),
      GemmConfig(128, 64, 0, 4, 3)),
 )
+
+# Warps per SM that keep the weight streams busy in the decode regimes (2-warp
+# CTAs at ~160 registers fit 6 per SM): split-K aims for this many.
+_WARPS_PER_SM = 12
+
+
+def _split_k(ctas: int, cfg: GemmConfig, K: int) -> int:
+    """K slices per tile so that about _WARPS_PER_SM warps per SM run, each
+    slice keeping >= 4 K steps; 1 when the grid is already big enough."""
+    target = NUM_SMS * _WARPS_PER_SM // cfg.num_warps
+    return max(1, min(8, target // max(ctas, 1), K // cfg.block_k // 4))
 
 
 def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool) -> MoEConfig:
@@ -203,11 +215,12 @@ def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool
     for max_rows, bm, g1, g2 in _REGIMES:
         if rows_per_expert <= max_rows:
             break
-    # gemm2 adds into y atomically, so it may split K when too few CTAs would
-    # stream the weights: aim for >= 2 CTAs per SM.
+    # Split-K adds partial sums atomically (in no fixed order): not when the
+    # caller asks for a deterministic result.
     if not deterministic:
-        blocks = min(E, T * k) + T * k // bm
-        ctas = blocks * -(-H // g2.block_n)
-        split = max(1, min(4, -(-2 * NUM_SMS // ctas), I // g2.block_k))
-        g2 = dataclasses.replace(g2, split_k=split)
+        blocks = min(E, T * k) + T * k // bm  # expected active row blocks
+        g1 = dataclasses.replace(
+            g1, split_k=_split_k(blocks * -(-I // g1.block_n), g1, H))
+        g2 = dataclasses.replace(
+            g2, split_k=_split_k(blocks * -(-H // g2.block_n), g2, I))
     return MoEConfig(bm, g1, g2)

@@ -170,13 +170,18 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo,
 
 @triton.jit
 def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
-              T, H, I, swiglu_alpha, swiglu_limit,
+              part_ptr, count_ptr, T, H, I, swiglu_alpha, swiglu_limit,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SWAP: tl.constexpr):
+              SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for BN columns n
-    of the intermediate; ACT 0 = silu, 1 = swiglu_oai. out is [P, I] bf16."""
+    of the intermediate; ACT 0 = silu, 1 = swiglu_oai. out is [P, I] bf16.
+
+    SPLIT_K > 1 (decode: too few CTAs to keep the weights streaming): program
+    (n, m, s) sums H-slice s only and adds it into part [launched rows, 2I]
+    f32; the last of the SPLIT_K programs of a tile to arrive (count_ptr, one
+    counter per tile) applies the epilogue. part and the counters start at 0."""
     if tl.program_id(1) * BM >= tl.load(nv_ptr):
         return
     rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
@@ -190,9 +195,23 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
     else:
         w_row = n + up * I
     w_row_ok = n < I
+    k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
+    k_lo = tl.program_id(2) * k_len
     acc = _gemm_loop(x_ptr, tok * H, row_ok,
                      w_ptr + e * (2 * I) * (H // 2), ws_ptr + e * (2 * I) * (H // 32),
-                     w_row, w_row_ok, 0, H, H, BM, 2 * BN, BK, A_FMT, SWAP)
+                     w_row, w_row_ok, k_lo, tl.minimum(k_lo + k_len, H), H,
+                     BM, 2 * BN, BK, A_FMT, SWAP)
+    if SPLIT_K > 1:
+        part = part_ptr + rows[:, None] * (2 * I) + (tl.program_id(0) * 2 * BN + j)[None, :]
+        ok = row_ok[:, None] & w_row_ok[None, :]
+        tl.atomic_add(part, acc, mask=ok, sem="relaxed")
+        # Every thread's partial sums are in before the tile's counter moves
+        # (release); the last program reads them all back (acquire).
+        tl.debug_barrier()
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") != SPLIT_K - 1:
+            return
+        acc = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * (2 * I) + w_row, mask=w_row_ok, other=0.0)[None, :]
     g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
