@@ -30,13 +30,13 @@ for step in "$@"; do
       ;;
     bench_full)  # each run bounded, so the finished ones always come back
       B="python3 -m jax_mxfp4_moe.bench"
-      timeout 170 $B --preset gpt-oss-120b --quant a16w4 --tokens 1,8,64,512,4096,16384 \
+      timeout 150 $B --preset gpt-oss-120b --quant a16w4 --tokens 1,8,64,512,4096,16384 \
         --json "$OUT/b_oss120_a16.json" 2>&1 | grep -v Warn | tee "$OUT/bench.log"
-      timeout 170 $B --preset deepseek-v3 --quant a16w4 --tokens 1,8,64,512,4096,16384 \
+      timeout 130 $B --preset deepseek-v3 --quant a16w4 --tokens 1,8,64,512,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
-      timeout 150 $B --preset gpt-oss-120b,deepseek-v3 --quant a8w4 --tokens 1,64,4096 \
-        --baselines none --json "$OUT/b_a8.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
-      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $B --preset gpt-oss-120b \
+      timeout 100 $B --preset gpt-oss-120b,deepseek-v3 --quant a8w4,a4w4 --tokens 1,64,4096 \
+        --baselines none --json "$OUT/b_mx.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 40 $B --preset gpt-oss-120b \
         --tokens 1,8 --baselines none 2>&1 | grep -v Warn | sed 's/^/[no command buffers] /' \
         | tee -a "$OUT/bench.log"
       ;;
