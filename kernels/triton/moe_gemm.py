@@ -36,63 +36,54 @@ def _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM: tl.constexpr):
     return rows, tok, slot, tok < T, expert
 
 
+def _e2m1_pair_asm(selector: str, even: str, odd: str) -> str:
+    """PTX for two packed bytes (picked from $4 by the prmt selector): their
+    low nibbles -> bf16x2 register `even`, high nibbles -> `odd`."""
+    lines = [f"prmt.b32 t, $4, 0, {selector};"]
+    for out, (lo, hi) in ((even, (6, 12)), (odd, (2, 8))):
+        lines += [f"shl.b32 a, t, {lo};", f"shl.b32 b, t, {hi};",
+                  "and.b32 a, a, 0x01c001c0;", "and.b32 b, b, 0x80008000;",
+                  f"or.b32 {out}, a, b;", f"mul.rn.bf16x2 {out}, {out}, bias;"]
+    return "\n".join(lines)
+
+
+# Bytes 0, 1 of each 32-bit word go to the halves of t (prmt 0x4140), then
+# bytes 2, 3 (0x4342). The bf16 bits of an E2M1 code n are (n & 8) << 12 |
+# (n & 7) << 6 = its value * 2**-126 (E2M1's subnormal 0.5 lands on a bf16
+# subnormal, exactly); one bf16x2 multiply by 2**126 (0x7e80) makes it the value.
+E2M1_EVEN_ODD_ASM: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 t, a, b, bias;\nmov.b32 bias, 0x7e807e80;\n"
+    + _e2m1_pair_asm("0x4140", "$0", "$2") + "\n"
+    + _e2m1_pair_asm("0x4342", "$1", "$3") + "\n}")
+
+
 @triton.jit
 def e2m1_even_odd(w):
     """Packed E2M1 [R, C] (uint8, element 2i in the low nibble) -> (even, odd)
     elements as bf16 [R, C] each, exact. Elementwise (same shape in and out),
     so triton can load the bytes straight into the MMA operand layout."""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, a, b, bias;
-        mov.b32 bias, 0x7e807e80;           // 2**126 in both bf16 halves
-        // bytes 0, 1 -> halves of t; the same for bytes 2, 3 below
-        prmt.b32 t, $4, 0, 0x4140;
-        // bf16 bits of e2m1 code n: sign (n & 8) << 12, magnitude (n & 7) << 6
-        // (= value * 2**-126, E2M1's subnormal 0.5 on bf16's subnormal)
-        shl.b32 a, t, 6;
-        shl.b32 b, t, 12;
-        and.b32 a, a, 0x01c001c0;
-        and.b32 b, b, 0x80008000;
-        or.b32 $0, a, b;
-        mul.rn.bf16x2 $0, $0, bias;
-        shl.b32 a, t, 2;
-        shl.b32 b, t, 8;
-        and.b32 a, a, 0x01c001c0;
-        and.b32 b, b, 0x80008000;
-        or.b32 $2, a, b;
-        mul.rn.bf16x2 $2, $2, bias;
-        prmt.b32 t, $4, 0, 0x4342;
-        shl.b32 a, t, 6;
-        shl.b32 b, t, 12;
-        and.b32 a, a, 0x01c001c0;
-        and.b32 b, b, 0x80008000;
-        or.b32 $1, a, b;
-        mul.rn.bf16x2 $1, $1, bias;
-        shl.b32 a, t, 2;
-        shl.b32 b, t, 8;
-        and.b32 a, a, 0x01c001c0;
-        and.b32 b, b, 0x80008000;
-        or.b32 $3, a, b;
-        mul.rn.bf16x2 $3, $3, bias;
-        }""",
-        constraints="=r,=r,=r,=r,r",
+        asm=E2M1_EVEN_ODD_ASM, constraints="=r,=r,=r,=r,r",
         args=[w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+# Scale bytes 0, 1 of a word to the halves' exponent fields, then bytes 2, 3.
+E8M0_BF16_ASM: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 t;\n"
+    "prmt.b32 t, $2, 0, 0x5140;\nshl.b32 $0, t, 7;\n"
+    "prmt.b32 t, $2, 0, 0x7362;\nshl.b32 $1, t, 7;\n}")
 
 
 @triton.jit
 def e8m0_bf16(ws):
-    """E8M0 scale bytes -> 2**(byte - 127) as bf16; byte 255 (NaN) -> NaN,
-    byte 0 -> 2**-127 (a bf16 subnormal)."""
+    """E8M0 scale bytes -> 2**(byte - 127) as bf16 (the exponent field is the
+    byte). Two departures from the reference, for bytes no real weights use:
+    255 (NaN) gives +inf, so the block's elements become +-inf (0 * inf: NaN)
+    rather than NaN; 0 gives 0 rather than 2**-127, flushing elements of
+    magnitude <= 6 * 2**-127 to zero (an all-zero block, byte 0, is exact)."""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, nan, zero;
-        .reg .pred p;
-        prmt.b32 t, $2, 0, 0x5140;       // bytes 0, 1 -> the two halves
-        shl.b32 $0, t, 7;                // exponent field
-        prmt.b32 t, $2, 0, 0x7362;       // bytes 2, 3
-        shl.b32 $1, t, 7;
-        }""",
-        constraints="=r,=r,r", args=[ws], dtype=tl.bfloat16, is_pure=True, pack=4)
+        asm=E8M0_BF16_ASM, constraints="=r,=r,r", args=[ws], dtype=tl.bfloat16,
+        is_pure=True, pack=4)
 
 
 @triton.jit
