@@ -45,6 +45,10 @@ CANDIDATES = {
     "p_128w8": (128, G(128, 64, False, 8, 3, fuse_x_quant=False), G(256, 64, False, 8, 3)),
     "p_64w8k128": (128, G(64, 128, False, 8, 3, fuse_x_quant=False), G(128, 128, False, 8, 3)),
     "m64w4": (64, G(64, 64, False, 4, 3, fuse_x_quant=False), G(128, 64, False, 4, 3)),
+    # prefill with the SWAP=2 upcast (compile without spills; not yet timed)
+    "q_64w4": (128, G(64, 64, 2, 4, 3, fuse_x_quant=False), G(128, 64, 2, 4, 3)),
+    "q_64w8": (128, G(64, 64, 2, 8, 3, fuse_x_quant=False), G(128, 64, 2, 8, 3)),
+    "q_32k128": (128, G(32, 128, 2, 4, 3, fuse_x_quant=False), G(64, 128, 2, 4, 3)),
     "p_64w4": (128, G(64, 64, False, 4, 3, fuse_x_quant=False), G(128, 64, False, 4, 3)),
 }
 

@@ -114,9 +114,13 @@ def test_config_table_properties():
                     assert not g.swap or rows >= (64 if g.num_warps >= 4 else 16 * g.num_warps)
                 assert c.gemm1.block_n % 32 == 0  # MX blocks of the intermediate stay in one CTA
                 assert c.gemm2.split_k >= 1 and (c.gemm2.split_k == 1 or not det)
-    # decode streams weights: small BM, swapped operands, split-K for enough CTAs
+    # decode streams weights: small BM, swapped operands, split-K of both gemms
+    # for enough CTAs (gpt-oss-120b T=1: 4 experts x 90 gemm1 tiles)
     c = choose_config(1, 4, 128, 2880, 2880, deterministic=False)
-    assert c.block_m == 16 and c.gemm1.swap and c.gemm2.split_k > 1
+    assert c.block_m == 16 and c.gemm1.swap and c.gemm1.split_k > 1 and c.gemm2.split_k > 1
+    assert choose_config(1, 4, 128, 2880, 2880, deterministic=True).gemm1.split_k == 1
+    # a big grid needs no split
+    assert choose_config(512, 4, 128, 2880, 2880, deterministic=False).gemm1.split_k == 1
 
 
 def test_missing_compiler_and_cache_says_so(monkeypatch, tmp_path):
