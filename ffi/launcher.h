@@ -112,23 +112,40 @@ class ModuleCache {
       functions_;
 };
 
+// What both stages do first: check the description against the call's
+// buffers, reach the driver API and find the stream's device.
 template <typename V>
-xla::ffi::Error InitializeLaunch(void* stream, const LaunchDescription& d,
-                                 size_t num_args, size_t num_rets) {
+xla::ffi::Error Prologue(void* stream, const LaunchDescription& d,
+                         size_t num_args, size_t num_rets,
+                         const typename V::Api** api, uintptr_t* device) {
   using xla::ffi::ErrorCode;
   if (std::string why = ValidateDescription(d, num_args, num_rets);
       !why.empty()) {
     return LaunchError(d, ErrorCode::kInvalidArgument, why);
   }
   std::string error;
-  const typename V::Api* api = V::Load(&error);
-  if (api == nullptr) return LaunchError(d, ErrorCode::kUnavailable, error);
-  uintptr_t device = 0;
-  if (int s = V::DeviceKey(api, stream, &device)) {
+  *api = V::Load(&error);
+  if (*api == nullptr) return LaunchError(d, ErrorCode::kUnavailable, error);
+  if (int s = V::DeviceKey(*api, stream, device)) {
     return LaunchError(d, ErrorCode::kInternal,
                        "finding the stream's device failed: " +
-                           V::ErrorString(api, s));
+                           V::ErrorString(*api, s));
   }
+  return xla::ffi::Error::Success();
+}
+
+template <typename V>
+xla::ffi::Error InitializeLaunch(void* stream, const LaunchDescription& d,
+                                 size_t num_args, size_t num_rets) {
+  using xla::ffi::ErrorCode;
+  const typename V::Api* api = nullptr;
+  uintptr_t device = 0;
+  if (xla::ffi::Error e = Prologue<V>(stream, d, num_args, num_rets, &api,
+                                      &device);
+      e.failure()) {
+    return e;
+  }
+  std::string error;
   ModuleCache<V>& cache = ModuleCache<V>::Get();
   typename ModuleCache<V>::Function f;
   if (cache.Find(device, d.code_hash, d.kernel, &f) &&
@@ -146,19 +163,14 @@ xla::ffi::Error ExecuteLaunch(void* stream, const LaunchDescription& d,
                               xla::ffi::RemainingArgs args,
                               xla::ffi::RemainingRets rets) {
   using xla::ffi::ErrorCode;
-  if (std::string why = ValidateDescription(d, args.size(), rets.size());
-      !why.empty()) {
-    return LaunchError(d, ErrorCode::kInvalidArgument, why);
+  const typename V::Api* api = nullptr;
+  uintptr_t device = 0;
+  if (xla::ffi::Error e = Prologue<V>(stream, d, args.size(), rets.size(),
+                                      &api, &device);
+      e.failure()) {
+    return e;
   }
   std::string error;
-  const typename V::Api* api = V::Load(&error);
-  if (api == nullptr) return LaunchError(d, ErrorCode::kUnavailable, error);
-  uintptr_t device = 0;
-  if (int s = V::DeviceKey(api, stream, &device)) {
-    return LaunchError(d, ErrorCode::kInternal,
-                       "finding the stream's device failed: " +
-                           V::ErrorString(api, s));
-  }
   typename ModuleCache<V>::Function f;
   if (!ModuleCache<V>::Get().Find(device, d.code_hash, d.kernel, &f) ||
       f.shared_limit < d.shared_mem) {

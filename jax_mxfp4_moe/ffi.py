@@ -336,6 +336,19 @@ def _check_aliases(aliases, num_operands, out_types, operands):
     return {int(o): int(r) for o, r in aliases.items()}
 
 
+def _describe(kernel: Kernel, grid, args, out_types, zero_outputs):
+    """Checks a launch and encodes it: (out_types, operands, FFI attributes),
+    the same for the GPU handlers and the CPU dry run."""
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel: expected ffi.Kernel, got {type(kernel).__name__}")
+    grid = _as_dims(grid, "grid", _MAX_GRID)
+    out_types = _check_out_types(out_types)
+    zero_outputs = _check_zero_outputs(zero_outputs, len(out_types))
+    operands, kinds, values = _encode_args(kernel, args, len(out_types))
+    _require_launcher()
+    return out_types, operands, _attributes(kernel, grid, kinds, values, zero_outputs)
+
+
 def launch(kernel: Kernel, grid, args: Sequence[Any], out_types, *,
            zero_outputs: Sequence[int] = (), input_output_aliases: dict | None = None,
            name: str | None = None, vmap_method: str = "sequential") -> list[jax.Array]:
@@ -350,16 +363,9 @@ def launch(kernel: Kernel, grid, args: Sequence[Any], out_types, *,
     that reuses its buffer. ``name`` labels the call in profiles (default: the
     kernel symbol). Returns the results as a list.
     """
-    if not isinstance(kernel, Kernel):
-        raise TypeError(f"kernel: expected ffi.Kernel, got {type(kernel).__name__}")
-    grid = _as_dims(grid, "grid", _MAX_GRID)
-    out_types = _check_out_types(out_types)
-    zero_outputs = _check_zero_outputs(zero_outputs, len(out_types))
-    operands, kinds, values = _encode_args(kernel, args, len(out_types))
+    out_types, operands, attrs = _describe(kernel, grid, args, out_types, zero_outputs)
     aliases = _check_aliases(input_output_aliases, len(operands), out_types, operands)
-    _require_launcher()
     _sync_search_paths()
-    attrs = _attributes(kernel, grid, kinds, values, zero_outputs)
     call = jax.ffi.ffi_call(TARGET, out_types, input_output_aliases=aliases,
                             vmap_method=vmap_method)
     with jax.named_scope(name or kernel.name):
@@ -376,14 +382,7 @@ def dry_run(kernel: Kernel, grid, args: Sequence[Any], out_types, *,
     (those in ``zero_outputs`` zero-filled, the others unspecified) and the
     packed kernarg bytes (uint8[kernarg size]). Must run on the CPU backend.
     """
-    if not isinstance(kernel, Kernel):
-        raise TypeError(f"kernel: expected ffi.Kernel, got {type(kernel).__name__}")
-    grid = _as_dims(grid, "grid", _MAX_GRID)
-    out_types = _check_out_types(out_types)
-    zero_outputs = _check_zero_outputs(zero_outputs, len(out_types))
-    operands, kinds, values = _encode_args(kernel, args, len(out_types))
-    _require_launcher()
-    attrs = _attributes(kernel, grid, kinds, values, zero_outputs)
+    out_types, operands, attrs = _describe(kernel, grid, args, out_types, zero_outputs)
     kernarg_type = jax.ShapeDtypeStruct((kernel.layout[1],), np.uint8)
     results = jax.ffi.ffi_call(DRY_RUN_TARGET, out_types + [kernarg_type],
                                vmap_method="sequential")(*operands, **attrs)
