@@ -12,6 +12,7 @@ rows in bounds.
 import flydsl.expr as fx
 from flydsl._mlir import ir
 from flydsl._mlir.dialects import arith, llvm, rocdl, vector
+from flydsl.expr import gpu
 
 WAVE = 64
 # Buffer descriptor word 3 on CDNA: DATA_FORMAT=7 (32 bit), NUM_FORMAT=4.
@@ -178,3 +179,19 @@ class KernelBuild:
 def global_store_f32x2(addr_i64, lo_f32, hi_f32):
     """Plain 8-byte global store of two f32 at an 8-byte aligned address."""
     llvm.store(vec_f32([fx.Float32(lo_f32), fx.Float32(hi_f32)]), global_ptr(addr_i64), alignment=8)
+
+
+def gemm_block(num_valid, sorted_expert_ids, num_experts, block_m):
+    """A gemm program's coordinates: thread, lane, wave, block (bx, by), its
+    first sorted row and expert id, and whether the row block is live (below
+    num_valid[0] and of a local expert: non-local blocks carry -1)."""
+    tid = fx.Int32(gpu.thread_idx.x)
+    lane = tid % WAVE
+    wave = tid // WAVE
+    bx = fx.Int32(gpu.block_idx.x)
+    by = fx.Int32(gpu.block_idx.y)
+    row0 = bx * block_m
+    nv = load(buffer(num_valid, 8), 0, 4)
+    eid = load(buffer(sorted_expert_ids), bx * 4, 4)
+    live = (row0 < nv) & (eid >= fx.Int32(0)) & (eid < fx.Int32(num_experts))
+    return tid, lane, wave, bx, by, row0, eid, live

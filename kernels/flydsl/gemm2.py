@@ -70,15 +70,8 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None)
         y: fx.Int64,
         tokens: fx.Int32,
     ):
-        tid = fx.Int32(gpu.thread_idx.x)
-        lane = tid % ix.WAVE
-        wave = tid // ix.WAVE
-        bx = fx.Int32(gpu.block_idx.x)
-        by = fx.Int32(gpu.block_idx.y)
-        row0 = bx * ix.BM
-        nv = c.load(c.buffer(num_valid, 8), 0, 4)
-        eid = c.load(c.buffer(sorted_expert_ids), bx * 4, 4)
-        if (row0 < nv) & (eid >= fx.Int32(0)) & (eid < fx.Int32(E)):
+        tid, lane, wave, bx, by, row0, eid, live = c.gemm_block(num_valid, sorted_expert_ids, E, ix.BM)
+        if live:
             lds = fx.SharedAllocator().allocate(Shared).peek()
             out = lds.out.ptr
             c0 = by * ix.BN

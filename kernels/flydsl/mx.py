@@ -76,26 +76,26 @@ def e4m3_code(x):
     return code | (sign << fx.Int32(7))
 
 
-def pack_fp4_words(codes):
-    """32 E2M1 codes -> 4 i32 words (element 2i in the low nibble, little endian)."""
+def _pack_words(codes, bits):
+    """Codes of `bits` bits -> i32 words, the first code in the lowest bits."""
+    per = 32 // bits
     words = []
-    for w in range(4):
+    for w in range(len(codes) // per):
         acc = fx.Int32(0)
-        for j in range(8):
-            acc = acc | (codes[8 * w + j] << fx.Int32(4 * j))
+        for j in range(per):
+            acc = acc | (codes[per * w + j] << fx.Int32(bits * j))
         words.append(acc)
     return words
+
+
+def pack_fp4_words(codes):
+    """32 E2M1 codes -> 4 i32 words (element 2i in the low nibble, little endian)."""
+    return _pack_words(codes, 4)
 
 
 def pack_fp8_words(codes):
     """32 E4M3 bytes -> 8 i32 words (little endian)."""
-    words = []
-    for w in range(8):
-        acc = fx.Int32(0)
-        for j in range(4):
-            acc = acc | (codes[4 * w + j] << fx.Int32(8 * j))
-        words.append(acc)
-    return words
+    return _pack_words(codes, 8)
 
 
 def quantize_block(values, fmt):
