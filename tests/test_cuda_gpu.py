@@ -139,10 +139,12 @@ def test_deterministic_variant_is_bitwise_repeatable():
         np.testing.assert_array_equal(np.asarray(f(x, tw, ids)), a)
 
 
-def test_edge_routings_one_token_one_expert_out_of_range():
+@pytest.mark.parametrize("T", [7, 50])  # the kernels route from topk_ids (7 x 4) or the sort
+def test_edge_routings_one_token_one_expert_out_of_range(T):
     shape = moe_cases.GPT_OSS_LIKE
+    assert (T * shape.k <= cuda_kernels.DIRECT_MAX) == (T == 7)
     w = moe_cases.make_weights(shape)
-    x, tw, ids = moe_cases.make_tokens(shape, 50)
+    x, tw, ids = moe_cases.make_tokens(shape, T)
     cases = {
         "all to one expert": jnp.full(ids.shape, 5, jnp.int32),
         "out of range ids": ids.at[:, 1].set(-1).at[:, 2].set(shape.E + 7),
@@ -191,10 +193,14 @@ def test_repeated_calls_under_one_jit_and_export_round_trip():
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved")
     f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a16w4"))
-    for seed in range(4):  # new inputs each call: replays of a captured graph must see them
-        x, tw, ids = moe_cases.make_tokens(shape, 33, seed=seed)
+    for seed, T in enumerate((33, 5, 33, 5)):  # new inputs each call: replays of a captured
+        x, tw, ids = moe_cases.make_tokens(shape, T, seed=seed)  # graph must see them
         accuracy.assert_close(np.asarray(f(x, tw, ids).astype(jnp.float32)),
                               reference.moe(x, w, tw, ids, activation="swiglu_oai"))
+    # The round trip is compared bitwise, so with the slot-ordered reduction
+    # (atomics add in no fixed order).
+    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a16w4",
+                                            deterministic=True))
     from jax_mxfp4_moe import ffi
     exp = jax.export.export(f, platforms=["cuda"],
                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(ffi.TARGET)])
@@ -251,6 +257,8 @@ def test_other_input_dtypes(dtype, T):
     for quant in QUANTS:
         y = run(x, w, tw, ids, activation="silu", quant=quant)
         accuracy.assert_close(y, reference.moe(x, w, tw, ids, activation="silu", quant=quant))
+    out = jax.jit(lambda x: cuda.moe(x, w, tw, ids, activation="silu"))(x)
+    assert out.dtype == dtype and out.shape == x.shape
 
 
 def test_public_moe_dispatches_here_on_hopper():

@@ -5,6 +5,9 @@ Pipeline (DESIGN §3), all launches on the GPU:
   sort (1 launch, or 3 for large T*k) -> gemm1 (gather + MX-quantised A load,
   act, re-quantise) -> gemm2 (weighted atomic add into f32 y, or per-slot
   stores for the deterministic variant) -> cast (one XLA op).
+At decode size (cuda_kernels.DIRECT_MAX) the layer is [memset of gemm1's
+split-K scratch] -> gemm1 -> gemm2: the gemms route from topk_ids
+themselves, gemm1 zeroes y and gemm2 writes the output dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import sorting
-from .cuda_kernels import SORT_CHUNK, SORT_ONE_MAX, TRITON_DTYPE, choose_config, kernel, launch
+from .cuda_kernels import (DIRECT_MAX, SORT_CHUNK, SORT_ONE_MAX, TRITON_DTYPE, choose_config,
+                           kernel, launch)
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -144,17 +148,35 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     T, H = x.shape
     K = topk_ids.shape[1]
     E, I = w.num_experts, w.intermediate
-    n_sort = E if expert_mask is None else expert_mask.shape[0]
+    n = T * K
     cfg = choose_config(T, K, E, H, I, deterministic=deterministic)
     BM = cfg.block_m
-    s = sort(topk_ids, topk_weights, num_experts=n_sort, block_m=BM, expert_mask=expert_mask)
-    P = s.sorted_token_ids.shape[0]
     # Blocks that can hold entries: ceil(T*k/BM) full ones plus one partial per expert.
-    grid_m = min(sorting.num_blocks(T, K, n_sort, BM), -(-T * K // BM) + min(E, T * K))
-    dummy = s.sorted_weights  # stands in for an absent bias (never read)
+    grid_m = -(-n // BM) + min(E, n)
+    direct = n <= DIRECT_MAX and expert_mask is None
+    if direct:  # the kernels route from topk_ids themselves (moe_gemm.py DIRECT)
+        ids = topk_ids.astype(jnp.int32).reshape(-1)
+        tw = topk_weights.astype(jnp.float32).reshape(-1)
+        route1 = [ids, ids, ids]  # sid, sexp, nv: topk_ids (the last two unused)
+        route2 = [ids, tw, ids, ids]  # sid, sw, sexp, nv
+        P = grid_m * BM
+    else:
+        n_sort = E if expert_mask is None else expert_mask.shape[0]
+        s = sort(topk_ids, topk_weights, num_experts=n_sort, block_m=BM, expert_mask=expert_mask)
+        route1 = [s.sorted_token_ids, s.sorted_expert_ids, s.num_valid]
+        route2 = [s.sorted_token_ids, s.sorted_weights, s.sorted_expert_ids, s.num_valid]
+        P = s.sorted_token_ids.shape[0]
+        grid_m = min(sorting.num_blocks(T, K, n_sort, BM), grid_m)
+    dummy = route2[1]  # an f32 buffer standing in for absent pointers (never read)
     fmt = _ACT_FORMAT[quant]
+    g1, g2 = cfg.gemm1, cfg.gemm2
+    grid1 = (-(-I // g1.block_n), grid_m, g1.split_k)
+    grid2 = (-(-H // g2.block_n), grid_m, g2.split_k)
+    # gemm2's last program per column tile casts (DIRECT, atomics): its f32
+    # accumulator and one counter per column tile are zeroed by gemm1.
+    cast_t = _pow2_at_least(max(T, 16)) if direct and not deterministic else 0
+    i32 = jnp.int32
 
-    g1 = cfg.gemm1
     a_fmt = fmt
     if fmt and not g1.fuse_x_quant:
         x = _quant_dequant(x, fp8=fmt == 2)
@@ -163,32 +185,42 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt,
                 ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
-                HAS_BIAS=w.b1 is not None, SWAP=g1.swap, SPLIT_K=g1.split_k)
-    grid1 = (-(-I // g1.block_n), grid_m, g1.split_k)
+                HAS_BIAS=w.b1 is not None, SWAP=g1.swap, SPLIT_K=g1.split_k,
+                DIRECT=direct, NMAX=_pow2_at_least(max(n, 16)) if direct else 1,
+                ZERO_Y=cast_t > 0)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
-    if g1.split_k > 1:  # zeroed scratch: partial sums of the launched rows, tile counters
-        outs1 += [jax.ShapeDtypeStruct((grid_m * BM, 2 * I), jnp.float32),
-                  jax.ShapeDtypeStruct((grid1[0] * grid_m,), jnp.int32)]
-        scratch = [ffi.Out(1), ffi.Out(2)]
-    else:
-        scratch = [dummy, s.num_valid]  # never touched
-    inter = launch(
+    part = y = dummy
+    if g1.split_k > 1:  # zeroed: partial sums of the launched rows, then a counter per tile
+        part = ffi.Out(len(outs1))
+        outs1.append(jax.ShapeDtypeStruct((grid_m * BM * 2 * I + grid1[0] * grid_m,), jnp.float32))
+    y_len = T * H + grid2[0]  # f32 accumulator, then gemm2's counters
+    if cast_t:
+        y = ffi.Out(len(outs1))
+        outs1.append(jax.ShapeDtypeStruct((y_len,), jnp.float32))
+    res1 = launch(
         k1, grid1,
-        [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, s.sorted_token_ids,
-         s.sorted_expert_ids, s.num_valid, ffi.Out(0), *scratch, T, H, I,
-         float(swiglu_alpha), float(swiglu_limit)],
-        outs1, zero_outputs=(1, 2) if g1.split_k > 1 else (), name="moe_gemm1")[0]
+        [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, *route1, ffi.Out(0), part, y,
+         y_len, T, H, I, E, K, float(swiglu_alpha), float(swiglu_limit)],
+        outs1, zero_outputs=(1,) if g1.split_k > 1 else (), name="moe_gemm1")
+    inter = res1[0]
 
-    g2 = cfg.gemm2
     k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages,
+                x_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name] if cast_t else "bf16",
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
-                HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap)
+                HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
+                DIRECT=direct, NMAX=_pow2_at_least(max(n, 16)) if direct else 1, CAST_T=cast_t)
+    args2 = [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2]
+    sizes = [T, H, I, E, K]
+    if cast_t:  # y (operand 8) is updated in place; the result is out
+        _, out = launch(k2, grid2, args2 + [res1[-1], ffi.Out(1)] + sizes,
+                        [jax.ShapeDtypeStruct((y_len,), jnp.float32),
+                         jax.ShapeDtypeStruct((T, H), out_dtype)],
+                        input_output_aliases={8: 0}, name="moe_gemm2")
+        return out
     y_shape = (T, K, H) if deterministic else (T, H)
-    (acc,) = launch(
-        k2, (-(-H // g2.block_n), grid_m, g2.split_k),
-        [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, s.sorted_token_ids,
-         s.sorted_weights, s.sorted_expert_ids, s.num_valid, ffi.Out(0), T, H, I, K],
-        [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,), name="moe_gemm2")
+    (acc,) = launch(k2, grid2, args2 + [ffi.Out(0), dummy] + sizes,
+                    [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,),
+                    name="moe_gemm2")
     if deterministic:
         acc = functools.reduce(lambda a, b: a + b, [acc[:, j] for j in range(K)])
     return acc.astype(out_dtype)

@@ -60,12 +60,13 @@ _SIGNATURES = {
         x_ptr="*{x}", y_ptr="*bf16", n_rows="i32", K="i32"),
     ("moe_gemm", "moe_gemm1"): dict(
         x_ptr="*{x}", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
-        nv_ptr="*i32", out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", T="i32", H="i32", I="i32", swiglu_alpha="fp32",
+        nv_ptr="*i32", out_ptr="*bf16", part_ptr="*fp32", y_ptr="*fp32", y_len="i32",
+        T="i32", H="i32", I="i32", E="i32", TOPK="i32", swiglu_alpha="fp32",
         swiglu_limit="fp32"),
     ("moe_gemm", "moe_gemm2"): dict(
         inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
-        sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32", T="i32", H="i32",
-        I="i32", TOPK="i32"),
+        sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32", out_ptr="*{x}",
+        T="i32", H="i32", I="i32", E="i32", TOPK="i32"),
 }
 
 # Integer arguments that are multiples of 16 by the input contract (H and I
@@ -157,6 +158,13 @@ NUM_SMS = 132  # H100 SXM / H200; used only to size split-K
 # Sort: one program up to this many (token, slot) entries, else chunked.
 SORT_ONE_MAX = 4096
 SORT_CHUNK = 2048
+# Decode: up to this many (token, slot) entries (and no expert mask), the gemm
+# kernels derive their blocks from topk_ids themselves (DIRECT: no sort
+# launch), gemm1 zeroes gemm2's accumulator (no memset) and gemm2's last
+# program per column tile writes the output dtype (no cast launch). Every
+# program recomputes the routing with O((T*k)^2) compares: at 64 entries that
+# was ~2,800 SASS instructions per program, a fair share of a decode loop.
+DIRECT_MAX = 32
 
 
 @dataclasses.dataclass(frozen=True)

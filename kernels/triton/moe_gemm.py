@@ -3,6 +3,10 @@
 Both kernels walk BM-row blocks of the sort contract (DESIGN §3): program
 (n, m[, k]) handles rows [m*BM, (m+1)*BM) of the sorted order, whose expert is
 sorted_expert_ids[m]; blocks at or past num_valid[0] return at once.
+DIRECT (decode: at most NMAX (token, slot) entries) skips the sort: every
+program derives its block from topk_ids itself (_direct_rows), the same
+blocks the contract would give; the sid/sw pointers then hold topk_ids and
+topk_weights, flat.
 Weights are MXFP4 [E, N, K/2] (element 2i in the low nibble) with E8M0 scales
 [E, N, K/32], upcast to bf16 in-kernel for the tensor cores.
 
@@ -36,25 +40,63 @@ def _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM: tl.constexpr):
     return rows, tok, slot, tok < T, expert
 
 
-def _e2m1_pair_asm(selector: str, even: str, odd: str) -> str:
-    """PTX for two packed bytes (picked from $4 by the prmt selector): their
-    low nibbles -> bf16x2 register `even`, high nibbles -> `odd`."""
-    lines = [f"prmt.b32 t, $4, 0, {selector};"]
-    for out, (lo, hi) in ((even, (6, 12)), (odd, (2, 8))):
-        lines += [f"shl.b32 a, t, {lo};", f"shl.b32 b, t, {hi};",
-                  "and.b32 a, a, 0x01c001c0;", "and.b32 b, b, 0x80008000;",
-                  f"or.b32 {out}, a, b;", f"mul.rn.bf16x2 {out}, {out}, bias;"]
-    return "\n".join(lines)
+@triton.jit
+def _direct_rows(ids_ptr, tw_ptr, T, K, E, BM: tl.constexpr, NMAX: tl.constexpr):
+    """Block program_id(1) of the sort contract, computed from topk_ids (its
+    n = T*K <= NMAX entries): experts in order of first appearance, each
+    expert's entries in (token, slot) order, ceil(count / BM) blocks each.
+    Returns rows, tok, slot, row_ok, expert, weight of each row, and the
+    number of blocks in use."""
+    n = T * K
+    i = tl.arange(0, NMAX)
+    e = tl.load(ids_ptr + i, mask=i < n, other=-1)
+    ok = (i < n) & (e >= 0) & (e < E)
+    same = (e[:, None] == e[None, :]) & ok[:, None] & ok[None, :]
+    dup = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), 1)  # rank in its expert
+    first = ok & (dup == 0)
+    nblk = tl.where(first, (tl.sum(same.to(tl.int32), 1) + BM - 1) // BM, 0)
+    start = tl.cumsum(nblk, 0) - nblk  # first block of each expert (at its first entry)
+    blk = tl.sum(tl.where(same & first[None, :], start[None, :], 0), 1) + dup // BM
+    m = tl.program_id(1)
+    r = tl.arange(0, BM)
+    sel = (ok & (blk == m))[None, :] & ((dup % BM)[None, :] == r[:, None])  # [BM, NMAX]
+    row_ok = tl.sum(sel.to(tl.int32), 1) > 0
+    tok = tl.sum(tl.where(sel, i[None, :] // K, 0), 1)
+    slot = tl.sum(tl.where(sel, i[None, :] % K, 0), 1)
+    wgt = tl.sum(tl.where(sel, tl.load(tw_ptr + i, mask=i < n, other=0.0)[None, :], 0.0), 1)
+    expert = tl.sum(tl.where(ok & (blk == m) & (dup % BM == 0), e, 0), 0)
+    return m * BM + r, tl.where(row_ok, tok, T), slot, row_ok, expert, wgt, tl.sum(nblk, 0)
 
 
-# Bytes 0, 1 of each 32-bit word go to the halves of t (prmt 0x4140), then
-# bytes 2, 3 (0x4342). The bf16 bits of an E2M1 code n are (n & 8) << 12 |
-# (n & 7) << 6 = its value * 2**-126 (E2M1's subnormal 0.5 lands on a bf16
-# subnormal, exactly); one bf16x2 multiply by 2**126 (0x7e80) makes it the value.
+@triton.jit
+def _zero(ptr, n, BLOCK: tl.constexpr):
+    """Zero ptr[0:n), split over the programs of axis 0 (those with m = s = 0)."""
+    share = tl.cdiv(tl.cdiv(n, tl.num_programs(0)), BLOCK) * BLOCK
+    lo = tl.program_id(0) * share
+    for b in range(lo, tl.minimum(lo + share, n), BLOCK):
+        offs = b + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < n)
+
+
+def _e2m1_high_nibbles_asm(src: str, selector: str, out: str) -> str:
+    """PTX: the high nibbles of two bytes of `src` -> bf16x2 register `out`.
+    prmt puts byte i in a half's low byte and its sign-replicated copy
+    (selector nibble | 8) in the high byte: after << 2 the nibble's magnitude
+    sits at bits 6-8 and bit 15 is its sign, so one mask leaves the bf16 bits."""
+    return (f"prmt.b32 t, {src}, 0, {selector};\nshl.b32 t, t, 2;\n"
+            f"and.b32 {out}, t, 0x81c081c0;\nmul.rn.bf16x2 {out}, {out}, bias;")
+
+
+# The bf16 bits of an E2M1 code n are (n & 8) << 12 | (n & 7) << 6 = its value
+# * 2**-126 (E2M1's subnormal 0.5 lands on a bf16 subnormal, exactly); one
+# bf16x2 multiply by 2**126 (0x7e80) makes it the value. Odd elements are the
+# high nibbles of bytes 0, 1 (selector 0x9180), then 2, 3 (0xb3a2); even ones
+# are the high nibbles of the word shifted left by 4 (byte i keeps its place).
 E2M1_EVEN_ODD_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 t, a, b, bias;\nmov.b32 bias, 0x7e807e80;\n"
-    + _e2m1_pair_asm("0x4140", "$0", "$2") + "\n"
-    + _e2m1_pair_asm("0x4342", "$1", "$3") + "\n}")
+    "{ .reg .b32 t, lo, bias;\nmov.b32 bias, 0x7e807e80;\nshl.b32 lo, $4, 4;\n"
+    + "\n".join(_e2m1_high_nibbles_asm(src, sel, out) for src, sel, out in (
+        ("lo", "0x9180", "$0"), ("lo", "0xb3a2", "$1"), ("$4", "0x9180", "$2"),
+        ("$4", "0xb3a2", "$3"))) + "\n}")
 
 
 @triton.jit
@@ -161,21 +203,35 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo,
 
 @triton.jit
 def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
-              part_ptr, count_ptr, T, H, I, swiglu_alpha, swiglu_limit,
+              part_ptr, y_ptr, y_len, T, H, I, E, TOPK, swiglu_alpha, swiglu_limit,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+              SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
+              DIRECT: tl.constexpr, NMAX: tl.constexpr, ZERO_Y: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for BN columns n
     of the intermediate; ACT 0 = silu, 1 = swiglu_oai. out is [P, I] bf16.
 
     SPLIT_K > 1 (decode: too few CTAs to keep the weights streaming): program
     (n, m, s) sums H-slice s only and adds it into part [launched rows, 2I]
-    f32; the last of the SPLIT_K programs of a tile to arrive (count_ptr, one
-    counter per tile) applies the epilogue. part and the counters start at 0."""
-    if tl.program_id(1) * BM >= tl.load(nv_ptr):
-        return
-    rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
+    f32; the last of the SPLIT_K programs of a tile to arrive (one int32
+    counter per tile, stored after part's rows) applies the epilogue. part and
+    the counters start at 0.
+
+    ZERO_Y: the programs (n, 0, 0) first zero y_ptr[0:y_len) (f32), gemm2's
+    accumulator and counters, which saves the stream a memset."""
+    if ZERO_Y:
+        if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            _zero(y_ptr, y_len, 1024)
+    if DIRECT:
+        rows, tok, slot, row_ok, expert, _, live = _direct_rows(sid_ptr, sid_ptr, T, TOPK, E,
+                                                                BM, NMAX)
+        if tl.program_id(1) >= live:
+            return
+    else:
+        if tl.program_id(1) * BM >= tl.load(nv_ptr):
+            return
+        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
     e = expert.to(tl.int64)
     # Accumulator column j holds gate (j even) or up (j odd) of n = n0 + j // 2.
     j = tl.arange(0, 2 * BN)
@@ -200,6 +256,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
         # (release); the last program reads them all back (acquire).
         tl.debug_barrier()
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        count_ptr = (part_ptr + tl.num_programs(1) * BM * 2 * I).to(tl.pointer_type(tl.int32))
         if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") != SPLIT_K - 1:
             return
         acc = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
@@ -222,17 +279,43 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
 
 
 @triton.jit
+def _store_cast(y_ptr, out_ptr, T, H, BN: tl.constexpr, CAST_T: tl.constexpr):
+    """out[:, tile] = y[:, tile] in out's dtype, for column tile program_id(0)."""
+    t = tl.arange(0, CAST_T)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs = t[:, None] * H + cols[None, :]
+    m = (t < T)[:, None] & (cols < H)[None, :]
+    v = tl.load(y_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr, y_ptr,
-              T, H, I, TOPK,
+              out_ptr, T, H, I, E, TOPK,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr):
+              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr,
+              DIRECT: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr):
     """sorted_weight(r) * (inter[r] @ W2[e, n]^T + b2[e, n]) for BN columns n of
     H, added into y [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1)
-    stored into y [T, TOPK, H] f32 at (token, slot)."""
-    if tl.program_id(1) * BM >= tl.load(nv_ptr):
-        return
-    rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
+    stored into y [T, TOPK, H] f32 at (token, slot).
+
+    CAST_T > 0 (DIRECT, atomics, T <= CAST_T): the last program to add into a
+    column tile (one int32 counter per tile, stored after y's T*H values)
+    writes y[:, tile] to out in out's dtype, so no separate cast follows."""
+    if DIRECT:
+        rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(sid_ptr, sw_ptr, T, TOPK, E,
+                                                                  BM, NMAX)
+        if tl.program_id(1) >= live:
+            if CAST_T > 0:
+                if (live == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+                    _store_cast(y_ptr, out_ptr, T, H, BN, CAST_T)  # no entry: y stays 0
+            return
+    else:
+        if tl.program_id(1) * BM >= tl.load(nv_ptr):
+            return
+        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
+        wgt = tl.load(sw_ptr + rows)
     e = expert.to(tl.int64)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < H
@@ -245,9 +328,16 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
     if HAS_BIAS:
         if tl.program_id(2) == 0:
             acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
-    acc *= tl.load(sw_ptr + rows)[:, None]
+    acc *= wgt[:, None]
     ok = row_ok[:, None] & col_ok[None, :]
     if DETERMINISTIC:
         tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
     else:
         tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc, mask=ok, sem="relaxed")
+        if CAST_T > 0:
+            # As in gemm1's split-K: all of this program's adds are in before
+            # its arrival is counted (release); the last one reads them all.
+            tl.debug_barrier()
+            count_ptr = (y_ptr + T * H).to(tl.pointer_type(tl.int32))
+            if tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel") == live * SPLIT_K - 1:
+                _store_cast(y_ptr, out_ptr, T, H, BN, CAST_T)
