@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
 # device tool returns at most 8 files: run few steps per call).
-# usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full sanitize ncu)
+# usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full bench_mx
+#   bench_oss bench_ds sweep breakdown sanitize ncu)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -28,15 +29,19 @@ for step in "$@"; do
         --tokens ${TOKENS:-1,8,64} --baselines none \
         --json "$OUT/bench_quick.json" 2>&1 | grep -v Warn | tee "$OUT/bench_quick.log"
       ;;
-    bench_full)  # each run bounded, so the finished ones always come back
+    bench_full)  # each run bounded, so the finished ones always come back. Up to
+      # T=512 a rep runs 8 layer calls per jit: Mosaic-GPU compiles 8 layers.
       B="python3 -m jax_mxfp4_moe.bench"
-      timeout 150 $B --preset gpt-oss-120b --quant a16w4 --tokens 1,8,64,512,4096,16384 \
+      timeout ${T_OSS:-290} $B --preset gpt-oss-120b --quant a16w4 --tokens 1,8,64,512,4096,16384 \
         --json "$OUT/b_oss120_a16.json" 2>&1 | grep -v Warn | tee "$OUT/bench.log"
-      timeout 130 $B --preset deepseek-v3 --quant a16w4 --tokens 1,8,64,512,4096 \
+      timeout ${T_DS:-250} $B --preset deepseek-v3 --quant a16w4 --tokens 1,8,64,512,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
-      timeout 100 $B --preset gpt-oss-120b,deepseek-v3 --quant a8w4,a4w4 --tokens 1,64,4096 \
+      ;;
+    bench_mx)  # MX activations (ours only), and gpt-oss-120b without command buffers
+      B="python3 -m jax_mxfp4_moe.bench"
+      timeout 150 $B --preset gpt-oss-120b,deepseek-v3 --quant a8w4,a4w4 --tokens 1,64,4096 \
         --baselines none --json "$OUT/b_mx.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
-      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 40 $B --preset gpt-oss-120b \
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $B --preset gpt-oss-120b \
         --tokens 1,8 --baselines none 2>&1 | grep -v Warn | sed 's/^/[no command buffers] /' \
         | tee -a "$OUT/bench.log"
       ;;
@@ -54,6 +59,10 @@ for step in "$@"; do
       timeout ${T_BENCH:-130} python3 -m jax_mxfp4_moe.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | grep "T=\|#" | tee "$OUT/bench_ds.log"
       ;;
+    breakdown)  # BREAKDOWN="PRESET QUANT T,... [N]" (bench/breakdown.py)
+      timeout ${T_BREAKDOWN:-120} python3 bench/breakdown.py ${BREAKDOWN:-gpt-oss-120b a16w4 1,8,64} 2>&1 \
+        | grep -v Warn | tee -a "$OUT/breakdown.log"
+      ;;
     sanitize)
       timeout ${T_MEMCHECK:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
         tests/test_cuda_gpu.py -k "${MEMCHECK_K:-not presets and (sort_kernel_matches or quantize or (moe_small and a8w4-silu-separated-True-7) or edge or nan or every_config)}" \
@@ -68,9 +77,9 @@ for step in "$@"; do
         timeout ${T_NCU:-90} ncu --launch-skip-before-match 0 -k "regex:moe_|mx_quant" --launch-count 12 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
           --section SchedulerStats \
-          --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active \
+          --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_dispatch_stall_per_issue_active.ratio,smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio,smsp__average_warps_issue_stalled_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_tex_throttle_per_issue_active.ratio \
           python3 bench/profile_decode.py $1 $2 $3 > "$OUT/ncu_$1_$2.txt" 2>&1
-        grep -E "moe_|mx_quant|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80
+        grep -E "moe_|mx_quant|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|issue_active|inst_executed|stalled|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80
       done
       ;;
   esac

@@ -1,7 +1,7 @@
 """Block configurations compared on the device, in one process: each candidate
 replaces the config table with a single regime, and the bench times this
 package's moe (ours only) at the given T.
-usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[,CANDIDATE...]"""
+usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[@WARPS][,...]"""
 
 import sys
 
@@ -31,6 +31,10 @@ CANDIDATES = {
     "e_w2k256": (16, G(32, 256, 2, 2, 3), G(64, 256, 2, 2, 3)),
     "e_w1n16": (16, G(16, 128, 2, 1, 3), G(32, 128, 2, 1, 3)),
     "e_w2n32s4": (16, G(32, 128, 2, 2, 4), G(64, 128, 2, 2, 4)),
+    "e_k64": (16, G(32, 64, 2, 2, 3), G(64, 64, 2, 2, 3)),
+    "e_k64s4": (16, G(32, 64, 2, 2, 4), G(64, 64, 2, 2, 4)),
+    "e_n16k64s4": (16, G(16, 64, 2, 2, 4), G(32, 64, 2, 2, 4)),
+    "e_w4n64k64": (16, G(64, 64, 2, 4, 3), G(128, 64, 2, 4, 3)),
     "e32": (32, G(32, 128, 2, 2, 3), G(64, 128, 2, 2, 3)),
     "e64": (64, G(32, 128, 2, 4, 3), G(64, 128, 2, 4, 3)),
     "e64w2": (64, G(32, 64, 2, 2, 3), G(64, 64, 2, 2, 3)),
@@ -55,9 +59,13 @@ CANDIDATES = {
 
 def main(preset, quant, tokens, names):
     ceilings = None
+    default_warps = cuda_kernels._WARPS_PER_SM
     for name in names:
-        bm, g1, g2 = CANDIDATES[name]
+        # NAME@W: split-K sized for W warps per SM instead of the table's
+        base, _, warps = name.partition("@")
+        bm, g1, g2 = CANDIDATES[base]
         cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2),)
+        cuda_kernels._WARPS_PER_SM = int(warps) if warps else default_warps
         cuda_kernels.get_kernel.cache_clear()
         jax.clear_caches()
         try:

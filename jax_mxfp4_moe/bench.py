@@ -213,8 +213,18 @@ def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str):
     return layers
 
 
+# Up to this many tokens a layer call is short enough (< ~1 ms) that the host's
+# cost of one jit call (~65 us measured on the H100, bench/NOTES.md) would
+# swamp it: every rep then runs `requested` layer calls, as a model's step runs
+# tens of layers in one jit.
+AMORTISE_MAX_TOKENS = 512
+
+
 def routings_for(p: Preset, T: int, requested: int, l2_bytes: float = 50e6) -> int:
-    """Routings per rep: enough that one rep streams >= 4x the L2 in weights."""
+    """Layer calls (each with its own routing, so none is computed twice) per
+    rep: `requested` for short calls, else enough to stream >= 4x the L2."""
+    if T <= AMORTISE_MAX_TOKENS:
+        return max(1, requested)
     per_call = min(p.num_experts, T * p.top_k) * expert_bytes(p)
     return max(1, min(requested, -(-int(4 * l2_bytes) // int(per_call))))
 
