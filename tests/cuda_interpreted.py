@@ -1,0 +1,157 @@
+"""Runs the CUDA backend's host code (backends/cuda.py: configs, launch
+arguments, scratch, aliasing) with every kernel launch executed by triton's
+interpreter on CPU, for the tests in test_cuda_interpreted.py.
+
+Import this module only in a process that set TRITON_INTERPRET=1 before
+triton was imported: triton decides at a kernel's definition whether it is
+interpreted. `install()` swaps cuda.kernel / cuda.launch for interpreted
+ones. The decode upcast's inline PTX cannot be interpreted: the function
+holding it (_mx_dot_even_odd) is replaced by plain Triton arithmetic with the
+same results (the PTX text itself is checked by test_triton_asm.py);
+everything else runs as written.
+
+Launch results that the launch does not zero start as 0xAB bytes, so a
+kernel that leaves part of a result unwritten shows up.
+"""
+
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from jax_mxfp4_moe import ffi
+from jax_mxfp4_moe.backends import cuda, cuda_kernels
+
+_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.int32): torch.int32,
+          np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}
+
+
+def _to_torch(a):
+    a = np.asarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def _to_jax(t, dtype):
+    if t.dtype == torch.bfloat16:
+        return jnp.asarray(t.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    return jnp.asarray(t.numpy().astype(dtype))
+
+
+def _empty(sds, zero):
+    dtype = np.dtype(sds.dtype)
+    n = int(np.prod(sds.shape)) * dtype.itemsize
+    raw = torch.zeros(n, dtype=torch.uint8) if zero else torch.full((n,), 0xAB, dtype=torch.uint8)
+    if dtype == ml_dtypes.bfloat16:
+        return raw.view(torch.bfloat16).reshape(sds.shape)
+    return raw.view(_TORCH[dtype]).reshape(sds.shape)
+
+
+class _Kernel:
+    def __init__(self, module, name, num_warps, constexprs):
+        self.fn = getattr(importlib.import_module(
+            f"{cuda_kernels.kernel_modules().__name__}.{module}"), name)
+        self.num_warps, self.constexprs = num_warps, constexprs
+
+
+def _kernel(module, name, *, num_warps, num_stages=1, x_dtype="bf16", **constexprs):
+    return _Kernel(module, name, num_warps, constexprs)
+
+
+def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliases=None,
+            name=None):
+    aliases = input_output_aliases or {}
+    outs = [_empty(o, i in zero_outputs) for i, o in enumerate(out_types)]
+    operands = [a for a in args if not isinstance(a, (ffi.Out, int, float, type(None)))]
+    for o, r in aliases.items():  # in place: the result starts as the operand
+        outs[r] = _to_torch(operands[o])
+    call, k = [], 0
+    for a in args:
+        if isinstance(a, ffi.Out):
+            call.append(outs[a.index])
+        elif isinstance(a, (int, float)) or a is None:
+            call.append(a)
+        else:
+            aliased = [r for o, r in aliases.items() if o == k]
+            call.append(outs[aliased[0]] if aliased else _to_torch(a))
+            k += 1
+    kern.fn[tuple(grid)](*call, **kern.constexprs, num_warps=kern.num_warps)
+    return [_to_jax(t, o.dtype) for t, o in zip(outs, out_types)]
+
+
+@triton.jit
+def _e2m1_value(code):
+    mag = code & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    v = tl.where(e == 0, m * 0.5, tl.exp2((e - 1).to(tl.float32)) * (1.0 + m * 0.5))
+    return tl.where((code & 8) != 0, -v, v)
+
+
+@triton.jit
+def _mx_dot_even_odd(acc, xe, xo, w, ws):
+    """moe_gemm._mx_dot_even_odd with its inline PTX (fp4 pair upcast, E8M0
+    scale, its documented edges: byte 0 -> 0, 255 -> inf) as plain Triton, and
+    the multiplies and dots in f32: triton 3.9's interpreter gets bf16
+    products wrong (tl.dot of two bf16 tiles too). The operands are exact in
+    either type and the MMA accumulates in f32, so the results agree up to
+    the order of the sum."""
+    R: tl.constexpr = w.shape[0]
+    C: tl.constexpr = w.shape[1]
+    c = w.to(tl.int32)
+    b = ws.to(tl.int32)
+    s = tl.where(b == 0, 0.0, tl.where(b == 255, float("inf"), tl.exp2((b - 127).to(tl.float32))))
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (R, C // 16, 16)), (R, C))
+    acc = tl.dot(_e2m1_value(c & 15) * s, tl.trans(xe).to(tl.float32), acc)
+    acc = tl.dot(_e2m1_value(c >> 4) * s, tl.trans(xo).to(tl.float32), acc)
+    return acc
+
+
+def install():
+    """Route cuda.moe's launches through triton's interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("set TRITON_INTERPRET=1 before importing triton")
+    cuda.kernel = _kernel
+    cuda.launch = _launch
+    gemm = importlib.import_module(f"{cuda_kernels.kernel_modules().__name__}.moe_gemm")
+    gemm._mx_dot_even_odd = _mx_dot_even_odd
+
+
+def main(cases_json: str, out_path: str):
+    """Runs cuda.moe for each case (moe_cases shapes/tokens, a config regime
+    and split-K forced as in test_cuda_gpu's config test); saves y per case."""
+    import dataclasses
+    import json
+
+    import moe_cases
+
+    install()
+    results = {}
+    for i, c in enumerate(json.loads(cases_json)):
+        shape = getattr(moe_cases, c["shape"])
+        w = moe_cases.make_weights(shape, gate_up=c["gate_up"], bias=c["bias"])
+        x, tw, ids = moe_cases.make_tokens(shape, c["T"], seed=c["seed"],
+                                           dtype=getattr(jnp, c["dtype"]))
+        if c.get("ids") is not None:
+            ids = jnp.asarray(c["ids"], jnp.int32)
+        _, bm, g1, g2 = cuda_kernels._REGIMES[c["regime"]]
+        cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
+                                     dataclasses.replace(g2, split_k=c["split"]))
+        cuda.choose_config = lambda *a, cfg=cfg, **k: cfg
+        y = cuda.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"],
+                     deterministic=c["deterministic"])
+        results[f"y{i}"] = np.asarray(y.astype(jnp.float32))
+        results[f"dtype{i}"] = np.asarray(str(y.dtype))
+    np.savez(out_path, **results)
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.stdin.read(), sys.argv[1])
