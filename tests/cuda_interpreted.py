@@ -124,31 +124,51 @@ def install():
     gemm._mx_dot_even_odd = _mx_dot_even_odd
 
 
-def main(cases_json: str, out_path: str):
-    """Runs cuda.moe for each case (moe_cases shapes/tokens, a config regime
-    and split-K forced as in test_cuda_gpu's config test); saves y per case."""
+def _run_moe(c):
     import dataclasses
-    import json
 
     import moe_cases
+
+    shape = getattr(moe_cases, c["shape"])
+    w = moe_cases.make_weights(shape, gate_up=c["gate_up"], bias=c["bias"])
+    x, tw, ids = moe_cases.make_tokens(shape, c["T"], seed=c["seed"],
+                                       dtype=getattr(jnp, c["dtype"]))
+    if c.get("ids") is not None:
+        ids = jnp.asarray(c["ids"], jnp.int32)
+    _, bm, g1, g2 = cuda_kernels._REGIMES[c["regime"]]
+    cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
+                                 dataclasses.replace(g2, split_k=c["split"]))
+    cuda.choose_config = lambda *a, cfg=cfg, **k: cfg
+    y = cuda.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"],
+                 deterministic=c["deterministic"])
+    return dict(y=np.asarray(y.astype(jnp.float32)), dtype=np.asarray(str(y.dtype)))
+
+
+def _run_sort(c):
+    rng = np.random.default_rng(c["seed"])
+    ids = rng.integers(-2, c["E"] + 2, (c["T"], c["k"])).astype(np.int32)
+    tw = rng.random((c["T"], c["k"])).astype(np.float32)
+    mask = None if not c["mask"] else jnp.asarray(rng.random(c["E"]) < 0.5)
+    res = cuda.sort(jnp.asarray(ids), jnp.asarray(tw), num_experts=c["E"], block_m=c["BM"],
+                    expert_mask=mask)
+    out = {name: np.asarray(a) for name, a in zip(("sid", "sw", "sexp", "nv"), res)}
+    out.update(ids=ids, tw=tw)
+    if mask is not None:
+        out["mask"] = np.asarray(mask)
+    return out
+
+
+def main(cases_json: str, out_path: str):
+    """Runs each case ("moe": cuda.moe on moe_cases shapes with a config
+    regime and split-K forced; "sort": cuda.sort on random ids) and saves its
+    arrays as "<case index>/<name>"."""
+    import json
 
     install()
     results = {}
     for i, c in enumerate(json.loads(cases_json)):
-        shape = getattr(moe_cases, c["shape"])
-        w = moe_cases.make_weights(shape, gate_up=c["gate_up"], bias=c["bias"])
-        x, tw, ids = moe_cases.make_tokens(shape, c["T"], seed=c["seed"],
-                                           dtype=getattr(jnp, c["dtype"]))
-        if c.get("ids") is not None:
-            ids = jnp.asarray(c["ids"], jnp.int32)
-        _, bm, g1, g2 = cuda_kernels._REGIMES[c["regime"]]
-        cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
-                                     dataclasses.replace(g2, split_k=c["split"]))
-        cuda.choose_config = lambda *a, cfg=cfg, **k: cfg
-        y = cuda.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"],
-                     deterministic=c["deterministic"])
-        results[f"y{i}"] = np.asarray(y.astype(jnp.float32))
-        results[f"dtype{i}"] = np.asarray(str(y.dtype))
+        for name, a in (_run_sort if c["kind"] == "sort" else _run_moe)(c).items():
+            results[f"{i}/{name}"] = a
     np.savez(out_path, **results)
 
 

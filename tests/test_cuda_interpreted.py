@@ -20,14 +20,15 @@ import pytest
 pytest.importorskip("triton", reason="triton not installed")
 pytest.importorskip("torch", reason="triton's interpreter runs on torch tensors")
 
-from jax_mxfp4_moe import reference  # noqa: E402
+from jax_mxfp4_moe import reference, sorting  # noqa: E402
 from jax_mxfp4_moe.backends import cuda_kernels  # noqa: E402
 
 import accuracy  # noqa: E402
 import moe_cases  # noqa: E402
 
-_BASE = dict(shape="GPT_OSS_LIKE", gate_up="interleaved", bias=True, seed=3, dtype="bfloat16",
-             activation="swiglu_oai", quant="a16w4", deterministic=False, ids=None)
+_BASE = dict(kind="moe", shape="GPT_OSS_LIKE", gate_up="interleaved", bias=True, seed=3,
+             dtype="bfloat16", activation="swiglu_oai", quant="a16w4", deterministic=False,
+             ids=None)
 CASES = {
     "decode T=1, split 2": dict(T=1, regime=0, split=2),
     "decode T=7 a4w4 silu separated, split 3": dict(T=7, regime=0, split=3, quant="a4w4",
@@ -46,10 +47,21 @@ CASES = {
 }
 
 
+# The sort kernels: one program (T*k <= SORT_ONE_MAX), and the chunked
+# three-launch form past it; out-of-range ids, an expert mask.
+SORTS = {
+    "sort T=7 k=8 E=64 BM=16": dict(T=7, k=8, E=64, BM=16, mask=False),
+    "sort T=300 k=4 E=32 BM=32, mask": dict(T=300, k=4, E=32, BM=32, mask=True),
+    "sort chunked T=1100 k=4 E=16 BM=64": dict(T=1100, k=4, E=16, BM=64, mask=False),
+}
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("interp") / "y.npz"
-    cases = [dict(_BASE, **c) for c in CASES.values()]
+    assert 1100 * 4 > cuda_kernels.SORT_ONE_MAX
+    cases = [dict(_BASE, **c) for c in CASES.values()] + [
+        dict(kind="sort", seed=i, **c) for i, c in enumerate(SORTS.values())]
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
                                            os.environ.get("PYTHONPATH", "")]))
@@ -71,9 +83,20 @@ def test_interpreted_pipeline_matches_reference(outputs, i, name):
     if c["ids"] is not None:
         ids = jnp.asarray(c["ids"], jnp.int32)
     ref = reference.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"])
-    y = ys[f"y{i}"]
-    assert str(ys[f"dtype{i}"]) == c["dtype"], name
+    y = ys[f"{i}/y"]
+    assert str(ys[f"{i}/dtype"]) == c["dtype"], name
     if not np.any(ref):
         assert not np.any(y), name
     else:
         accuracy.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("j,name", list(enumerate(SORTS)))
+def test_interpreted_sort_is_the_contract(outputs, j, name):
+    ys, cases = outputs
+    i, c = len(CASES) + j, SORTS[name]
+    mask = ys[f"{i}/mask"] if c["mask"] else None
+    want = sorting.moe_sort(jnp.asarray(ys[f"{i}/ids"]), jnp.asarray(ys[f"{i}/tw"]),
+                            num_experts=c["E"], block_m=c["BM"], expert_mask=mask)
+    for field, key, w in zip(sorting.SortResult._fields, ("sid", "sw", "sexp", "nv"), want):
+        np.testing.assert_array_equal(ys[f"{i}/{key}"], np.asarray(w), err_msg=f"{name}: {field}")
