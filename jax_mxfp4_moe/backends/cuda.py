@@ -175,7 +175,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     # gemm2's last program per column tile casts (DIRECT, atomics): its f32
     # accumulator and one counter per column tile are zeroed by gemm1.
     cast_t = _pow2_at_least(max(T, 16)) if direct and not deterministic else 0
-    i32 = jnp.int32
+    nmax = _pow2_at_least(max(n, 16)) if direct else 1  # the routed entries, padded
 
     a_fmt = fmt
     if fmt and not g1.fuse_x_quant:
@@ -186,8 +186,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt,
                 ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
                 HAS_BIAS=w.b1 is not None, SWAP=g1.swap, SPLIT_K=g1.split_k,
-                DIRECT=direct, NMAX=_pow2_at_least(max(n, 16)) if direct else 1,
-                ZERO_Y=cast_t > 0)
+                DIRECT=direct, NMAX=nmax, ZERO_Y=cast_t > 0)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
     part = y = dummy
     if g1.split_k > 1:  # zeroed: partial sums of the launched rows, then a counter per tile
@@ -208,7 +207,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 x_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name] if cast_t else "bf16",
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
                 HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
-                DIRECT=direct, NMAX=_pow2_at_least(max(n, 16)) if direct else 1, CAST_T=cast_t)
+                DIRECT=direct, NMAX=nmax, CAST_T=cast_t)
     args2 = [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2]
     sizes = [T, H, I, E, K]
     if cast_t:  # y (operand 8) is updated in place; the result is out
