@@ -86,6 +86,10 @@ def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliase
     return [_to_jax(t, o.dtype) for t, o in zip(outs, out_types)]
 
 
+def _gemm():
+    return importlib.import_module(f"{cuda_kernels.kernel_modules().__name__}.moe_gemm")
+
+
 @triton.jit
 def _e2m1_value(code):
     mag = code & 7
@@ -120,8 +124,7 @@ def install():
         raise RuntimeError("set TRITON_INTERPRET=1 before importing triton")
     cuda.kernel = _kernel
     cuda.launch = _launch
-    gemm = importlib.import_module(f"{cuda_kernels.kernel_modules().__name__}.moe_gemm")
-    gemm._mx_dot_even_odd = _mx_dot_even_odd
+    _gemm()._mx_dot_even_odd = _mx_dot_even_odd
 
 
 def _run_moe(c):
@@ -158,16 +161,48 @@ def _run_sort(c):
     return out
 
 
+@triton.jit
+def _rows_probe(ids_ptr, tw_ptr, out_ptr, w_ptr, T, K, E, BM: tl.constexpr, NMAX: tl.constexpr):
+    """Stores what moe_gemm._direct_rows gives program (0, m): rows, tok,
+    slot, row_ok (BM each), expert, blocks in use; and the row weights."""
+    rows, tok, slot, row_ok, expert, wgt, live = _gemm()._direct_rows(ids_ptr, tw_ptr, T, K, E,
+                                                                      BM, NMAX)
+    r = tl.arange(0, BM)
+    base = out_ptr + tl.program_id(1) * (4 * BM + 2)
+    tl.store(base + r, rows)
+    tl.store(base + BM + r, tok)
+    tl.store(base + 2 * BM + r, slot)
+    tl.store(base + 3 * BM + r, row_ok.to(tl.int32))
+    tl.store(base + 4 * BM, expert)
+    tl.store(base + 4 * BM + 1, live)
+    tl.store(w_ptr + tl.program_id(1) * BM + r, wgt)
+
+
+def _run_rows(c):
+    ids, tw = np.asarray(c["ids"], np.int32), np.asarray(c["tw"], np.float32)
+    T, K = ids.shape
+    BM, programs = c["BM"], c["programs"]
+    out = torch.zeros(programs * (4 * BM + 2), dtype=torch.int32)
+    w = torch.zeros(programs * BM, dtype=torch.float32)
+    _rows_probe[(1, programs, 1)](torch.from_numpy(ids), torch.from_numpy(tw), out, w, T, K,
+                                  c["E"], BM=BM, NMAX=max(16, 1 << (T * K - 1).bit_length()))
+    return dict(out=out.reshape(programs, 4 * BM + 2).numpy(), w=w.reshape(programs, BM).numpy())
+
+
+_RUNS = {"moe": _run_moe, "sort": _run_sort, "rows": _run_rows}
+
+
 def main(cases_json: str, out_path: str):
     """Runs each case ("moe": cuda.moe on moe_cases shapes with a config
-    regime and split-K forced; "sort": cuda.sort on random ids) and saves its
+    regime and split-K forced; "sort": cuda.sort on random ids; "rows": the
+    decode gemms' own routing, _direct_rows, for given ids) and saves its
     arrays as "<case index>/<name>"."""
     import json
 
     install()
     results = {}
     for i, c in enumerate(json.loads(cases_json)):
-        for name, a in (_run_sort if c["kind"] == "sort" else _run_moe)(c).items():
+        for name, a in _RUNS[c["kind"]](c).items():
             results[f"{i}/{name}"] = a
     np.savez(out_path, **results)
 

@@ -3,7 +3,8 @@ written, every kernel launch executed by triton's interpreter
 (cuda_interpreted.py), against the NumPy reference. Covers the decode path
 without a sort launch (routing, gemm1 zeroing gemm2's accumulator, gemm2's
 counted cast), split-K counters, the sorted path, the deterministic variant,
-MXFP4 activations and every config regime, on small shapes. The GPU tests run
+MXFP4 activations and every config regime, on small shapes; and the sort
+kernels and the decode gemms' own routing against moe_sort. The GPU tests run
 the same on an H100 with the real upcast, and a8w4 too: the interpreter's
 float8e4nv conversion does not round ties to even (1.5625 -> 1.625, where
 the GPU and formats give 1.5), so MXFP8 is left to them."""
@@ -56,12 +57,37 @@ SORTS = {
 }
 
 
+def _routing_cases():
+    rng = np.random.default_rng(0)
+    cases = {
+        "gpt-oss decode T=1": (rng.permutation(128)[None, :4], 128, 16),
+        "deepseek T=4, k=8": (np.stack([rng.permutation(256)[:8] for _ in range(4)]), 256, 16),
+        "out of range and masked-out ids": (rng.integers(-3, 11, (7, 4)), 8, 16),
+        "all 32 entries to one expert": (np.full((8, 4), 3), 8, 16),
+        "duplicates inside tokens": (rng.integers(0, 3, (5, 4)), 4, 16),
+        "no valid id": (np.full((6, 4), 8), 8, 16),
+        "one expert, BM 32": (np.zeros((8, 4)), 1, 32),
+    }
+    out = {}
+    for name, (ids, E, BM) in cases.items():
+        ids = np.asarray(ids, np.int32)
+        assert ids.size <= cuda_kernels.DIRECT_MAX
+        tw = rng.random(ids.shape).astype(np.float32)
+        out[name] = dict(ids=ids.tolist(), tw=tw.tolist(), E=E, BM=BM,
+                         programs=-(-ids.size // BM) + min(E, ids.size))
+    return out
+
+
+ROUTINGS = _routing_cases()
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("interp") / "y.npz"
     assert 1100 * 4 > cuda_kernels.SORT_ONE_MAX
     cases = [dict(_BASE, **c) for c in CASES.values()] + [
-        dict(kind="sort", seed=i, **c) for i, c in enumerate(SORTS.values())]
+        dict(kind="sort", seed=i, **c) for i, c in enumerate(SORTS.values())] + [
+        dict(kind="rows", **c) for c in ROUTINGS.values()]
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
                                            os.environ.get("PYTHONPATH", "")]))
@@ -100,3 +126,47 @@ def test_interpreted_sort_is_the_contract(outputs, j, name):
                             num_experts=c["E"], block_m=c["BM"], expert_mask=mask)
     for field, key, w in zip(sorting.SortResult._fields, ("sid", "sw", "sexp", "nv"), want):
         np.testing.assert_array_equal(ys[f"{i}/{key}"], np.asarray(w), err_msg=f"{name}: {field}")
+
+
+def _contract_blocks(ids, tw, E, BM):
+    """expert -> its blocks in order, each a list of (token, slot, weight)."""
+    s = sorting.moe_sort(np.asarray(ids), np.asarray(tw), num_experts=E, block_m=BM)
+    sid, sw, sexp, nv = (np.asarray(a) for a in s)
+    T = len(ids)
+    blocks = {}
+    for b in range(int(nv[0]) // BM):
+        entries = sid[b * BM:(b + 1) * BM]
+        tok, slot = entries & sorting.TOKEN_MASK, entries >> sorting.TOKEN_BITS
+        rows = [(int(t), int(k), float(w)) for t, k, w in zip(tok, slot, sw[b * BM:(b + 1) * BM])
+                if t < T]
+        blocks.setdefault(int(sexp[b]), []).append(rows)
+    return blocks, int(nv[0]) // BM
+
+
+@pytest.mark.parametrize("j,name", list(enumerate(ROUTINGS)))
+def test_direct_rows_are_the_sort_contracts_blocks(outputs, j, name):
+    """The decode gemms' own routing (moe_gemm.py _direct_rows, no sort
+    launch): every program holds one block of the contract (same expert, same
+    (token, slot, weight) rows in the same order), and the programs in use are
+    exactly the contract's blocks, in some order of experts."""
+    ys, _ = outputs
+    i, case = len(CASES) + len(SORTS) + j, ROUTINGS[name]
+    want, used = _contract_blocks(case["ids"], case["tw"], case["E"], case["BM"])
+    T, BM = len(case["ids"]), case["BM"]
+    got = {}
+    for m, (o, wr) in enumerate(zip(ys[f"{i}/out"].tolist(), ys[f"{i}/w"].tolist())):
+        p = dict(rows=o[:BM], tok=o[BM:2 * BM], slot=o[2 * BM:3 * BM], ok=o[3 * BM:4 * BM],
+                 expert=o[4 * BM], live=o[4 * BM + 1], w=wr)
+        assert p["live"] == used, name
+        assert p["rows"] == [m * BM + r for r in range(BM)], name
+        if m >= used:
+            continue
+        rows = []
+        for r in range(BM):
+            if p["ok"][r]:
+                rows.append((p["tok"][r], p["slot"][r], p["w"][r]))
+            else:
+                assert p["tok"][r] == T, name  # padding rows point past the tokens
+        assert rows == sorted(rows) and rows, name  # (token, slot) order, never empty
+        got.setdefault(p["expert"], []).append(rows)
+    assert got == want, name
