@@ -109,7 +109,8 @@ def random_weights(p: Preset, key) -> MoEWeights:
     b2 = jax.random.normal(ks[5], (E, H), jnp.float32) * 0.1 if p.bias else None
     return MoEWeights(u8(ks[0], (E, 2 * I, H // 2)), sc(ks[1], (E, 2 * I, H // 32)),
                       u8(ks[2], (E, H, I // 2)), sc(ks[3], (E, H, I // 32)), b1, b2,
-                      num_experts=E, hidden=H, intermediate=I, gate_up=p.gate_up)
+                      num_experts=E, hidden=H, intermediate=I,
+                      gate_up=p.gate_up).with_scale_max()
 
 
 def random_routings(p: Preset, T: int, count: int, seed: int):

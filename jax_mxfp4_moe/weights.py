@@ -38,6 +38,10 @@ class MoEWeights:
     intermediate: int = dataclasses.field(default=0, metadata=dict(static=True))
     gate_up: str = dataclasses.field(default="separated", metadata=dict(static=True))
     layout: str = dataclasses.field(default=layouts.CANONICAL, metadata=dict(static=True))
+    # The largest E8M0 byte of w1_scale and w2_scale, when the arrays were
+    # concrete at construction (None if unknown): lets a backend fold a
+    # constant factor into the scales where it stays in range (backends/cuda.py).
+    scale_max: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def has_bias(self) -> bool:
@@ -48,6 +52,11 @@ class MoEWeights:
 
     def _dims(self) -> dict:
         return dict(num_experts=self.num_experts, hidden=self.hidden, intermediate=self.intermediate)
+
+    def with_scale_max(self) -> "MoEWeights":
+        """The same weights with scale_max read from the scale arrays (None
+        when they are traced)."""
+        return dataclasses.replace(self, scale_max=_max_byte(self.w1_scale, self.w2_scale))
 
     def canonical(self) -> "MoEWeights":
         """The same weights in the canonical layout (traceable)."""
@@ -119,6 +128,13 @@ def _as_bias(b, shape, name):
     return b.astype(jnp.float32)
 
 
+def _max_byte(*arrays) -> Optional[int]:
+    try:
+        return max(int(jnp.max(a)) for a in arrays)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
 def from_mxfp4(w1, w1_scale, w2, w2_scale, b1=None, b2=None, *, gate_up: str = "separated",
                layout: str = layouts.CANONICAL) -> MoEWeights:
     """Wrap already-quantised canonical arrays (any valid fp4 + e8m0 bytes)."""
@@ -131,7 +147,7 @@ def from_mxfp4(w1, w1_scale, w2, w2_scale, b1=None, b2=None, *, gate_up: str = "
                    num_experts=int(E), hidden=int(h_half * 2), intermediate=int(two_i // 2),
                    gate_up=gate_up)
     w.validate()
-    return w.to_layout(layout)
+    return w.with_scale_max().to_layout(layout)
 
 
 def prepare_weights(w1, w2, b1=None, b2=None, *, gate_up: str = "separated",
