@@ -2,12 +2,14 @@
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
 # device tool returns at most 8 files: run few steps per call).
 # usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full bench_mx
-#   bench_oss bench_ds sweep breakdown sanitize ncu)
+#   bench_oss bench_ds sweep breakdown sanitize ncu cache_out)
+# A code cache brought back by cache_out (.jmcache.tgz, carried) is unpacked first.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_MXFP4_MOE_CACHE_DIR=/tmp/jmcache XLA_PYTHON_CLIENT_PREALLOCATE=false
 cd "$(dirname "$0")/.."
+[ -f .jmcache.tgz ] && tar xzf .jmcache.tgz -C /tmp
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
@@ -81,6 +83,9 @@ for step in "$@"; do
           python3 bench/profile_decode.py $1 $2 $3 > "$OUT/ncu_$1_$2.txt" 2>&1
         grep -E "moe_|mx_quant|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|issue_active|inst_executed|stalled|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80
       done
+      ;;
+    cache_out)  # the compiled kernels, for the next call to carry as .jmcache.tgz
+      tar czf "$OUT/jmcache.tgz" -C /tmp jmcache
       ;;
   esac
 done

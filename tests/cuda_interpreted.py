@@ -5,10 +5,10 @@ interpreter on CPU, for the tests in test_cuda_interpreted.py.
 Import this module only in a process that set TRITON_INTERPRET=1 before
 triton was imported: triton decides at a kernel's definition whether it is
 interpreted. `install()` swaps cuda.kernel / cuda.launch for interpreted
-ones. The decode upcast's inline PTX cannot be interpreted: the function
-holding it (_mx_dot_even_odd) is replaced by plain Triton arithmetic with the
-same results (the PTX text itself is checked by test_triton_asm.py);
-everything else runs as written.
+ones. Inline PTX cannot be interpreted: the decode upcast's function
+(_mx_dot_even_odd) is replaced by plain Triton arithmetic with the same
+results (the PTX text itself is checked by test_triton_asm.py), and the poll
+loop's sleep (_backoff) by the identity; everything else runs as written.
 
 Launch results that the launch does not zero start as 0xAB bytes, so a
 kernel that leaves part of a result unwritten shows up.
@@ -61,7 +61,8 @@ class _Kernel:
         self.num_warps, self.constexprs = num_warps, constexprs
 
 
-def _kernel(module, name, *, num_warps, num_stages=1, x_dtype="bf16", **constexprs):
+def _kernel(module, name, *, num_warps, num_stages=1, x_dtype="bf16", out_dtype="bf16",
+            **constexprs):
     return _Kernel(module, name, num_warps, constexprs)
 
 
@@ -100,9 +101,10 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _mx_dot_even_odd(acc, xe, xo, w, ws):
+def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
     """moe_gemm._mx_dot_even_odd with its inline PTX (fp4 pair upcast, E8M0
-    scale, its documented edges: byte 0 -> 0, 255 -> inf) as plain Triton, and
+    scale, its documented edges without FOLD: byte 0 -> 0, 255 -> inf; with
+    FOLD every byte is <= 128 and exact) as plain Triton, and
     the multiplies and dots in f32: triton 3.9's interpreter gets bf16
     products wrong (tl.dot of two bf16 tiles too). The operands are exact in
     either type and the MMA accumulates in f32, so the results agree up to
@@ -111,11 +113,19 @@ def _mx_dot_even_odd(acc, xe, xo, w, ws):
     C: tl.constexpr = w.shape[1]
     c = w.to(tl.int32)
     b = ws.to(tl.int32)
-    s = tl.where(b == 0, 0.0, tl.where(b == 255, float("inf"), tl.exp2((b - 127).to(tl.float32))))
+    s = tl.exp2((b - 127).to(tl.float32))
+    if not FOLD:
+        s = tl.where(b == 0, 0.0, tl.where(b == 255, float("inf"), s))
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (R, C // 16, 16)), (R, C))
     acc = tl.dot(_e2m1_value(c & 15) * s, tl.trans(xe).to(tl.float32), acc)
     acc = tl.dot(_e2m1_value(c >> 4) * s, tl.trans(xo).to(tl.float32), acc)
     return acc
+
+
+@triton.jit
+def _identity(x):
+    """moe_gemm._backoff without its PTX sleep."""
+    return x
 
 
 def install():
@@ -125,6 +135,19 @@ def install():
     cuda.kernel = _kernel
     cuda.launch = _launch
     _gemm()._mx_dot_even_odd = _mx_dot_even_odd
+    _gemm()._backoff = _identity
+
+
+def _weights(c):
+    """moe_cases' weights; "scale_max": "unknown" drops the recorded largest
+    scale byte (the kernels then keep the 2**126 factor out of the scales)."""
+    import dataclasses
+
+    import moe_cases
+
+    w = moe_cases.make_weights(getattr(moe_cases, c["shape"]), gate_up=c["gate_up"],
+                               bias=c["bias"])
+    return dataclasses.replace(w, scale_max=None) if c.get("scale_max") == "unknown" else w
 
 
 def _run_moe(c):
@@ -133,7 +156,7 @@ def _run_moe(c):
     import moe_cases
 
     shape = getattr(moe_cases, c["shape"])
-    w = moe_cases.make_weights(shape, gate_up=c["gate_up"], bias=c["bias"])
+    w = _weights(c)
     x, tw, ids = moe_cases.make_tokens(shape, c["T"], seed=c["seed"],
                                        dtype=getattr(jnp, c["dtype"]))
     if c.get("ids") is not None:
@@ -165,8 +188,8 @@ def _run_sort(c):
 def _rows_probe(ids_ptr, tw_ptr, out_ptr, w_ptr, T, K, E, BM: tl.constexpr, NMAX: tl.constexpr):
     """Stores what moe_gemm._direct_rows gives program (0, m): rows, tok,
     slot, row_ok (BM each), expert, blocks in use; and the row weights."""
-    rows, tok, slot, row_ok, expert, wgt, live = _gemm()._direct_rows(ids_ptr, tw_ptr, T, K, E,
-                                                                      BM, NMAX)
+    rows, tok, slot, row_ok, expert, wgt, live = _gemm()._direct_rows(
+        ids_ptr, tw_ptr, T, K, E, tl.program_id(1), BM, NMAX)
     r = tl.arange(0, BM)
     base = out_ptr + tl.program_id(1) * (4 * BM + 2)
     tl.store(base + r, rows)

@@ -19,6 +19,8 @@ class Shape:
 
 GPT_OSS_LIKE = Shape("gpt-oss-like", E=8, k=4, H=256, I=256)
 DEEPSEEK_LIKE = Shape("deepseek-like", E=16, k=8, H=256, I=128)
+# H and I multiples of the MX block but not of a 128-wide K step (like gpt-oss's 2880).
+ODD_K = Shape("odd-k", E=4, k=2, H=160, I=96)
 
 
 def make_weights(shape, *, gate_up="separated", bias=True, seed=0, layout="canonical"):

@@ -48,7 +48,7 @@ def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interl
     k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
                BM=bm, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
                INTERLEAVED=interleaved, HAS_BIAS=bias, SWAP=g1.swap, SPLIT_K=split,
-               DIRECT=False, NMAX=1, ZERO_Y=False)
+               FOLD=fmt == 1, EVEN_K=fmt != 2, DIRECT=False, NMAX=1)
     ops = sass_ops(k)
     # split-K partial sums are f32 reductions (RED/ATOM), not CAS loops
     red = sum(c for op, c in ops.items() if op.startswith(("RED", "ATOM")))
@@ -59,8 +59,8 @@ def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interl
     assert k.block == (32 * g1.num_warps, 1, 1)
     # Every pointer is compiled as 16-byte aligned (the launch checks it), which
     # is what lets triton vectorise the loads and pipeline them as cp.async.
-    assert k.params[:10] == ("ptr16",) * 10
-    assert k.params[10:18] == ("i32",) * 6 + ("f32", "f32")
+    assert k.params[:9] == ("ptr16",) * 9
+    assert k.params[9:16] == ("i32",) * 5 + ("f32", "f32")
 
 
 @pytest.mark.parametrize("regime", range(len(_REGIMES)))
@@ -70,7 +70,8 @@ def test_gemm2_variants(regime, deterministic):
     k = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages, BM=bm,
                BN=g2.block_n,
                BK=g2.block_k, SPLIT_K=1 if deterministic else 2, HAS_BIAS=not deterministic,
-               DETERMINISTIC=deterministic, SWAP=g2.swap, DIRECT=False, NMAX=1, CAST_T=0)
+               DETERMINISTIC=deterministic, SWAP=g2.swap, FOLD=deterministic,
+               EVEN_K=not deterministic, DIRECT=False, NMAX=1)
     ops = sass_ops(k)
     assert ops["HGMMA" if g2.num_warps >= 4 else "HMMA"] > 0, ops
     assert ops["LDL"] == 0 and ops["STL"] == 0
@@ -81,24 +82,33 @@ def test_gemm2_variants(regime, deterministic):
     assert ops["ATOMG"] == 0 or not any(op.startswith("ATOMG.E.CAS") for op in ops)
 
 
-# (NMAX, split-K) of the presets' decode calls: T*k <= 16 splits K (gpt-oss
-# T=1, qwen3 T=1), T*k = 32 has enough CTAs not to (gpt-oss T=8, deepseek T=4).
-@pytest.mark.parametrize("nmax,split", [(16, 2), (32, 1)])
-def test_decode_variants_route_zero_and_cast_in_kernel(nmax, split):
-    """DIRECT gemms (no sort launch): gemm1 zeroes gemm2's accumulator, gemm2
-    counts arrivals per column tile and casts; still tensor cores, no spills."""
+# (NMAX, split-K, FOLD, EVEN_K) of the presets' decode calls: T*k <= 16 splits
+# K (gpt-oss T=1: H, I = 2880 are not multiples of the 128-wide K step), T*k =
+# 32 has enough CTAs not to (deepseek T=4: 7168 and 2048 are).
+@pytest.mark.parametrize("nmax,split,fold,even_k", [(16, 2, True, False), (32, 1, False, True)])
+def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
+    """moe_decode (both gemms, routed from topk_ids, counted cast) compiles
+    with tensor cores and no spills; the weight upcast is cheaper with the
+    2**126 folded into the scales (fewer bf16x2 multiplies)."""
     _, bm, g1, g2 = _REGIMES[0]
-    k1 = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages, BM=bm,
-                BN=g1.block_n, BK=g1.block_k, A_FMT=0, OUT_FMT=0, ACT=1, INTERLEAVED=True,
-                HAS_BIAS=True, SWAP=g1.swap, SPLIT_K=split, DIRECT=True, NMAX=nmax, ZERO_Y=True)
-    k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages, BM=bm,
-                BN=g2.block_n, BK=g2.block_k, SPLIT_K=split, HAS_BIAS=True, DETERMINISTIC=False,
-                SWAP=g2.swap, DIRECT=True, NMAX=nmax, CAST_T=16, x_dtype="bf16")
-    for k in (k1, k2):
-        ops = sass_ops(k)
-        assert ops["HMMA"] > 0 and ops["LDL"] == 0 and ops["STL"] == 0, ops
-    # gemm2's arrival counter: an integer atomic besides the f32 reductions
-    assert any(op.startswith("ATOMG") for op in sass_ops(k2)), sass_ops(k2)
+
+    def build(fold, even_k):
+        return kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps,
+                      num_stages=g1.num_stages, BM=bm, BN1=g1.block_n, BK1=g1.block_k,
+                      SPLIT1=split, BN2=g2.block_n, BK2=g2.block_k, SPLIT2=split, A_FMT=0,
+                      OUT_FMT=0, ACT=1, INTERLEAVED=True, HAS_BIAS1=True, HAS_BIAS2=True,
+                      SWAP=g1.swap, FOLD=fold, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=nmax,
+                      CAST_T=16, out_dtype="fp32", maxnreg=cuda_kernels.DECODE_MAXNREG)
+    k = build(fold, even_k)
+    ops = sass_ops(k)
+    # capped at the registers that fit 12 warps per SM, still without spills
+    assert ops["HMMA"] > 0 and ops["LDL"] == 0 and ops["STL"] == 0, ops
+    assert any(op.startswith("ATOMG") for op in ops), ops  # the ticket and the counters
+    assert k.params[:12] == ("ptr16",) * 12
+    assert k.params[12:24] == ("i32",) * 10 + ("f32", "f32")
+    other = sass_ops(build(not fold, even_k))
+    with_fold, without = (ops, other) if fold else (other, ops)
+    assert with_fold["HMUL2"] < without["HMUL2"], (with_fold["HMUL2"], without["HMUL2"])
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -110,7 +120,7 @@ def test_quant_kernels_compile(fp8):
 
 
 @pytest.mark.parametrize("T,quant,expected_launches", [
-    (1, "a4w4", 0 + 1 + 2), (1, "a16w4", 2), (8, "a16w4", 2), (5000, "a4w4", 3 + 1 + 2)])
+    (1, "a4w4", 1 + 1), (1, "a16w4", 1), (8, "a16w4", 1), (5000, "a4w4", 3 + 1 + 2)])
 def test_pipeline_lowers_for_cuda(T, quant, expected_launches):
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved")
@@ -122,9 +132,10 @@ def test_pipeline_lowers_for_cuda(T, quant, expected_launches):
     text = jax.jit(f).trace(x, tw, ids).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("jax_mxfp4_moe_launch") == expected_launches  # sort, x quant, gemm1, gemm2
     direct = T * shape.k <= cuda_kernels.DIRECT_MAX
-    # decode: no sort launch, and gemm2 writes bf16 itself (no f32 -> bf16 convert after it)
+    # decode: one kernel (no sort launch) that writes bf16 itself (no f32 -> bf16 convert)
     assert ("moe_sort" in text) != direct
-    assert ("convert" in text.split("moe_gemm2")[-1]) != direct
+    assert ("moe_decode" in text) == direct
+    assert ("convert" in text.split("moe_decode" if direct else "moe_gemm2")[-1]) != direct
 
 
 def test_config_table_properties():

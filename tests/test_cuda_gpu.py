@@ -128,6 +128,30 @@ def test_every_config_regime_and_split_k(monkeypatch, regime, split):
             accuracy.assert_close(y, ref)
 
 
+@pytest.mark.parametrize("T", [3, 50])  # the one-launch decode kernel, then the sorted path
+@pytest.mark.parametrize("shape", [moe_cases.GPT_OSS_LIKE, moe_cases.ODD_K])
+def test_scale_fold_gives_the_same_bits_and_large_scales_stay_exact(shape, T):
+    """With every scale byte <= 128 (recorded by from_mxfp4) the upcast's
+    2**126 rides on the scales; it gives the bits of the two-multiply upcast
+    (weights whose largest byte is unknown). Weights with larger scale bytes
+    take the two-multiply path and match the reference."""
+    import dataclasses
+    from jax_mxfp4_moe.weights import from_mxfp4
+    w = moe_cases.make_weights(shape, gate_up="interleaved")
+    assert w.scale_max is not None and w.scale_max <= cuda_kernels.FOLD_MAX_SCALE_BYTE
+    x, tw, ids = moe_cases.make_tokens(shape, T)
+    kw = dict(activation="swiglu_oai", quant="a16w4", deterministic=True)
+    np.testing.assert_array_equal(run(x, w, tw, ids, **kw),
+                                  run(x, dataclasses.replace(w, scale_max=None), tw, ids, **kw))
+    big = from_mxfp4(w.w1, w.w1_scale + 4, w.w2, w.w2_scale + 6, w.b1, w.b2,
+                     gate_up=w.gate_up)
+    assert big.scale_max > cuda_kernels.FOLD_MAX_SCALE_BYTE
+    for deterministic in (False, True):
+        y = run(x, big, tw, ids, activation="swiglu_oai", quant="a16w4",
+                deterministic=deterministic)
+        accuracy.assert_close(y, reference.moe(x, big, tw, ids, activation="swiglu_oai"))
+
+
 def test_deterministic_variant_is_bitwise_repeatable():
     shape = moe_cases.DEEPSEEK_LIKE
     w = moe_cases.make_weights(shape)

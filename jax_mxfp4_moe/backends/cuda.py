@@ -5,9 +5,9 @@ Pipeline (DESIGN §3), all launches on the GPU:
   sort (1 launch, or 3 for large T*k) -> gemm1 (gather + MX-quantised A load,
   act, re-quantise) -> gemm2 (weighted atomic add into f32 y, or per-slot
   stores for the deterministic variant) -> cast (one XLA op).
-At decode size (cuda_kernels.DIRECT_MAX) the layer is [memset of gemm1's
-split-K scratch] -> gemm1 -> gemm2: the gemms route from topk_ids
-themselves, gemm1 zeroes y and gemm2 writes the output dtype.
+At decode size (cuda_kernels.DIRECT_MAX) the layer is one custom call: a
+memset of its scratch and one kernel (moe_gemm.moe_decode) that routes from
+topk_ids itself, runs gemm1 then gemm2 and writes the output dtype.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import sorting
-from .cuda_kernels import (DIRECT_MAX, SORT_CHUNK, SORT_ONE_MAX, TRITON_DTYPE, choose_config,
-                           kernel, launch)
+from .cuda_kernels import (DECODE_MAXNREG, DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_CHUNK,
+                           SORT_ONE_MAX, TRITON_DTYPE, choose_config, kernel, launch)
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -138,6 +138,10 @@ def _quant_dequant(x, *, fp8: bool):
     return y
 
 
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
 def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         deterministic=False, expert_mask=None, swiglu_alpha=1.702, swiglu_limit=7.0):
     if not supports(quant, activation):
@@ -151,16 +155,31 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     n = T * K
     cfg = choose_config(T, K, E, H, I, deterministic=deterministic)
     BM = cfg.block_m
+    g1, g2 = cfg.gemm1, cfg.gemm2
     # Blocks that can hold entries: ceil(T*k/BM) full ones plus one partial per expert.
     grid_m = -(-n // BM) + min(E, n)
     direct = n <= DIRECT_MAX and expert_mask is None
+    fmt = _ACT_FORMAT[quant]
+    a_fmt = fmt
+    if fmt and not g1.fuse_x_quant:
+        x = _quant_dequant(x, fp8=fmt == 2)
+        a_fmt = 0
+    act = _ACT_CODE[activation]
+    # The 2**126 of the kernels' raw E2M1 bits rides on the scales when every
+    # scale byte is small enough (known when the weights were built).
+    fold = w.scale_max is not None and w.scale_max <= FOLD_MAX_SCALE_BYTE
     if direct:  # the kernels route from topk_ids themselves (moe_gemm.py DIRECT)
         ids = topk_ids.astype(jnp.int32).reshape(-1)
         tw = topk_weights.astype(jnp.float32).reshape(-1)
+        nmax = _pow2_at_least(max(n, 16))  # the routed entries, padded
+        if not deterministic:
+            return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype,
+                           float(swiglu_alpha), float(swiglu_limit))
         route1 = [ids, ids, ids]  # sid, sexp, nv: topk_ids (the last two unused)
         route2 = [ids, tw, ids, ids]  # sid, sw, sexp, nv
         P = grid_m * BM
     else:
+        nmax = 1
         n_sort = E if expert_mask is None else expert_mask.shape[0]
         s = sort(topk_ids, topk_weights, num_experts=n_sort, block_m=BM, expert_mask=expert_mask)
         route1 = [s.sorted_token_ids, s.sorted_expert_ids, s.num_valid]
@@ -168,58 +187,74 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         P = s.sorted_token_ids.shape[0]
         grid_m = min(sorting.num_blocks(T, K, n_sort, BM), grid_m)
     dummy = route2[1]  # an f32 buffer standing in for absent pointers (never read)
-    fmt = _ACT_FORMAT[quant]
-    g1, g2 = cfg.gemm1, cfg.gemm2
     grid1 = (-(-I // g1.block_n), grid_m, g1.split_k)
     grid2 = (-(-H // g2.block_n), grid_m, g2.split_k)
-    # gemm2's last program per column tile casts (DIRECT, atomics): its f32
-    # accumulator and one counter per column tile are zeroed by gemm1.
-    cast_t = _pow2_at_least(max(T, 16)) if direct and not deterministic else 0
-    nmax = _pow2_at_least(max(n, 16)) if direct else 1  # the routed entries, padded
 
-    a_fmt = fmt
-    if fmt and not g1.fuse_x_quant:
-        x = _quant_dequant(x, fp8=fmt == 2)
-        a_fmt = 0
     k1 = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
                 x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
-                BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt,
-                ACT=_ACT_CODE[activation], INTERLEAVED=w.gate_up == "interleaved",
-                HAS_BIAS=w.b1 is not None, SWAP=g1.swap, SPLIT_K=g1.split_k,
-                DIRECT=direct, NMAX=nmax, ZERO_Y=cast_t > 0)
+                BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
+                INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None,
+                SWAP=g1.swap, SPLIT_K=g1.split_k, FOLD=fold, EVEN_K=H % g1.block_k == 0,
+                DIRECT=direct, NMAX=nmax)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
-    part = y = dummy
+    part = dummy
     if g1.split_k > 1:  # zeroed: partial sums of the launched rows, then a counter per tile
-        part = ffi.Out(len(outs1))
+        part = ffi.Out(1)
         outs1.append(jax.ShapeDtypeStruct((grid_m * BM * 2 * I + grid1[0] * grid_m,), jnp.float32))
-    y_len = T * H + grid2[0]  # f32 accumulator, then gemm2's counters
-    if cast_t:
-        y = ffi.Out(len(outs1))
-        outs1.append(jax.ShapeDtypeStruct((y_len,), jnp.float32))
-    res1 = launch(
+    inter = launch(
         k1, grid1,
-        [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, *route1, ffi.Out(0), part, y,
-         y_len, T, H, I, E, K, float(swiglu_alpha), float(swiglu_limit)],
-        outs1, zero_outputs=(1,) if g1.split_k > 1 else (), name="moe_gemm1")
-    inter = res1[0]
+        [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, *route1, ffi.Out(0), part,
+         T, H, I, E, K, float(swiglu_alpha), float(swiglu_limit)],
+        outs1, zero_outputs=(1,) if g1.split_k > 1 else (), name="moe_gemm1")[0]
 
     k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages,
-                x_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name] if cast_t else "bf16",
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
                 HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
-                DIRECT=direct, NMAX=nmax, CAST_T=cast_t)
-    args2 = [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2]
-    sizes = [T, H, I, E, K]
-    if cast_t:  # y (operand 8) is updated in place; the result is out
-        _, out = launch(k2, grid2, args2 + [res1[-1], ffi.Out(1)] + sizes,
-                        [jax.ShapeDtypeStruct((y_len,), jnp.float32),
-                         jax.ShapeDtypeStruct((T, H), out_dtype)],
-                        input_output_aliases={8: 0}, name="moe_gemm2")
-        return out
+                FOLD=fold, EVEN_K=I % g2.block_k == 0, DIRECT=direct, NMAX=nmax)
     y_shape = (T, K, H) if deterministic else (T, H)
-    (acc,) = launch(k2, grid2, args2 + [ffi.Out(0), dummy] + sizes,
+    (acc,) = launch(k2, grid2,
+                    [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2,
+                     ffi.Out(0), T, H, I, E, K],
                     [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,),
                     name="moe_gemm2")
     if deterministic:
         acc = functools.reduce(lambda a, b: a + b, [acc[:, j] for j in range(K)])
     return acc.astype(out_dtype)
+
+
+def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype, alpha, limit):
+    """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
+    programs, then gemm2's, which wait for gemm1's tiles; one zeroed scratch
+    holds gemm1's split-K sums and counters, y (f32), gemm2's counters, the
+    launch's ticket and gemm1's tiles done per row block."""
+    ffi = _ffi()
+    T, H = x.shape
+    E, I, K = w.num_experts, w.intermediate, ids.shape[0] // T
+    BM, g1, g2 = cfg.block_m, cfg.gemm1, cfg.gemm2
+    n1, n2 = -(-I // g1.block_n), -(-H // g2.block_n)
+    cnt1_off = _pad16(grid_m * BM * 2 * I if g1.split_k > 1 else 0)
+    y_off = _pad16(cnt1_off + n1 * grid_m)
+    cnt2_off = _pad16(y_off + T * H)
+    sync_off = _pad16(cnt2_off + n2)
+    grid = (n1 * grid_m * g1.split_k + n2 * grid_m * g2.split_k, 1, 1)
+    kern = kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps, num_stages=g1.num_stages,
+                  maxnreg=DECODE_MAXNREG,
+                  x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
+                  out_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name],
+                  BM=BM, BN1=g1.block_n, BK1=g1.block_k, SPLIT1=g1.split_k, BN2=g2.block_n,
+                  BK2=g2.block_k, SPLIT2=g2.split_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
+                  INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS1=w.b1 is not None,
+                  HAS_BIAS2=w.b2 is not None, SWAP=g1.swap, FOLD=fold,
+                  EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
+                  CAST_T=_pow2_at_least(max(T, 16)))
+    b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
+    b2 = tw if w.b2 is None else w.b2
+    *_, out = launch(
+        kern, grid,
+        [x, w.w1, w.w1_scale, b1, w.w2, w.w2_scale, b2, ids, tw, ffi.Out(0), ffi.Out(1),
+         ffi.Out(2), T, H, I, E, K, grid_m, cnt1_off, y_off, cnt2_off, sync_off, alpha, limit],
+        [jax.ShapeDtypeStruct((grid_m * BM, I), jnp.bfloat16),
+         jax.ShapeDtypeStruct((sync_off + 1 + grid_m,), jnp.float32),
+         jax.ShapeDtypeStruct((T, H), out_dtype)],
+        zero_outputs=(1,), name="moe_decode")
+    return out

@@ -60,13 +60,18 @@ _SIGNATURES = {
         x_ptr="*{x}", y_ptr="*bf16", n_rows="i32", K="i32"),
     ("moe_gemm", "moe_gemm1"): dict(
         x_ptr="*{x}", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
-        nv_ptr="*i32", out_ptr="*bf16", part_ptr="*fp32", y_ptr="*fp32", y_len="i32",
-        T="i32", H="i32", I="i32", E="i32", TOPK="i32", swiglu_alpha="fp32",
-        swiglu_limit="fp32"),
+        nv_ptr="*i32", out_ptr="*bf16", part_ptr="*fp32", T="i32", H="i32", I="i32", E="i32",
+        TOPK="i32", swiglu_alpha="fp32", swiglu_limit="fp32"),
     ("moe_gemm", "moe_gemm2"): dict(
         inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
-        sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32", out_ptr="*{x}",
+        sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32",
         T="i32", H="i32", I="i32", E="i32", TOPK="i32"),
+    ("moe_gemm", "moe_decode"): dict(
+        x_ptr="*{x}", w1_ptr="*u8", w1s_ptr="*u8", b1_ptr="*fp32", w2_ptr="*u8", w2s_ptr="*u8",
+        b2_ptr="*fp32", ids_ptr="*i32", tw_ptr="*fp32", inter_ptr="*bf16", scratch_ptr="*fp32",
+        out_ptr="*{out}", T="i32", H="i32", I="i32", E="i32", TOPK="i32", grid_m="i32",
+        cnt1_off="i32", y_off="i32", cnt2_off="i32", sync_off="i32", swiglu_alpha="fp32",
+        swiglu_limit="fp32"),
 }
 
 # Integer arguments that are multiples of 16 by the input contract (H and I
@@ -77,6 +82,7 @@ _MULTIPLES_OF_16 = {
     ("mx_quant", "mx_quant_dequant"): ("K",),
     ("moe_gemm", "moe_gemm1"): ("H", "I"),
     ("moe_gemm", "moe_gemm2"): ("H", "I"),
+    ("moe_gemm", "moe_decode"): ("H", "I", "cnt1_off", "y_off", "cnt2_off", "sync_off"),
 }
 
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -92,24 +98,29 @@ def _triton_version() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def get_kernel(module: str, name: str, constexprs: tuple, num_warps: int, num_stages: int,
-               x_dtype: str = "bf16"):
-    """ffi.Kernel for one compiled variant; constexprs as sorted (name, value) pairs."""
+               x_dtype: str = "bf16", out_dtype: str = "bf16", maxnreg: int | None = None):
+    """ffi.Kernel for one compiled variant; constexprs as sorted (name, value) pairs;
+    maxnreg caps the registers per thread (ptxas)."""
     from .. import ffi
 
-    signature = {k: v.format(x=x_dtype) for k, v in _SIGNATURES[(module, name)].items()}
+    signature = {k: v.format(x=x_dtype, out=out_dtype)
+                 for k, v in _SIGNATURES[(module, name)].items()}
     consts = dict(constexprs)
     aligned = tuple(n for n, ty in signature.items() if ty.startswith("*")) \
         + _MULTIPLES_OF_16.get((module, name), ())
     key = dict(kernel=f"{module}.{name}", source=source_hash(), signature=signature,
                constexprs=consts, arch=ARCH, num_warps=num_warps, num_stages=num_stages,
                divisible_by_16=aligned)
+    options = None if maxnreg is None else {"maxnreg": maxnreg}
+    if options:
+        key["options"] = options
 
     def build():
         from .triton_compile import compile_triton
         fn = getattr(importlib.import_module(f"{kernel_modules().__name__}.{module}"), name)
         # codecache logs the compile time of each variant at INFO.
         return compile_triton(fn, signature, consts, arch=ARCH, num_warps=num_warps,
-                              num_stages=num_stages, divisible_by_16=aligned)
+                              num_stages=num_stages, divisible_by_16=aligned, options=options)
 
     code_hash, meta = _cached(key, build)
     return ffi.Kernel(code_hash, meta["name"], block=(32 * meta["num_warps"], 1, 1),
@@ -144,9 +155,9 @@ def launch(kern, grid, args, out_types, **kwargs):
 
 
 def kernel(module: str, name: str, *, num_warps: int, num_stages: int = 1, x_dtype="bf16",
-           **constexprs):
+           out_dtype="bf16", maxnreg=None, **constexprs):
     return get_kernel(module, name, tuple(sorted(constexprs.items())), num_warps, num_stages,
-                      x_dtype)
+                      x_dtype, out_dtype, maxnreg)
 
 
 # ---------------------------------------------------------------------------
@@ -165,6 +176,10 @@ SORT_CHUNK = 2048
 # program recomputes the routing with O((T*k)^2) compares: at 64 entries that
 # was ~2,800 SASS instructions per program, a fair share of a decode loop.
 DIRECT_MAX = 32
+
+# moe_gemm's FOLD (the 2**126 of the raw E2M1 bits carried by the scale,
+# 2**(byte - 1) as a bf16) needs every scale byte <= this.
+FOLD_MAX_SCALE_BYTE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +224,9 @@ _REGIMES = (
 # Warps per SM that keep the weight streams busy in the decode regimes (2-warp
 # CTAs at ~160 registers fit 6 per SM): split-K aims for this many.
 _WARPS_PER_SM = 12
+# moe_decode holds both gemms (184 registers uncapped, 5 CTAs per SM): capped
+# so that _WARPS_PER_SM warps fit the 64K registers (168: no spills, triton 3.6).
+DECODE_MAXNREG = 65536 // (_WARPS_PER_SM * 32) // 8 * 8
 
 
 def _split_k(ctas: int, cfg: GemmConfig, K: int) -> int:

@@ -6,7 +6,7 @@ sorted_expert_ids[m]; blocks at or past num_valid[0] return at once.
 DIRECT (decode: at most NMAX (token, slot) entries) skips the sort: every
 program derives its block from topk_ids itself (_direct_rows), the same
 blocks the contract would give; the sid/sw pointers then hold topk_ids and
-topk_weights, flat.
+topk_weights, flat. moe_decode runs both gemms of such a layer in one launch.
 Weights are MXFP4 [E, N, K/2] (element 2i in the low nibble) with E8M0 scales
 [E, N, K/32], upcast to bf16 in-kernel for the tensor cores.
 
@@ -30,8 +30,8 @@ from .mx import mx_fake_quant
 
 
 @triton.jit
-def _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM: tl.constexpr):
-    m = tl.program_id(1)
+def _block_rows(sid_ptr, sexp_ptr, T, m, BM: tl.constexpr):
+    """Block m of a sort contract built by the sort kernels."""
     rows = m * BM + tl.arange(0, BM)
     packed = tl.load(sid_ptr + rows)
     tok = packed & 0xFFFFFF
@@ -41,23 +41,24 @@ def _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM: tl.constexpr):
 
 
 @triton.jit
-def _direct_rows(ids_ptr, tw_ptr, T, K, E, BM: tl.constexpr, NMAX: tl.constexpr):
-    """Block program_id(1) of the sort contract, computed from topk_ids (its
-    n = T*K <= NMAX entries): experts in order of first appearance, each
-    expert's entries in (token, slot) order, ceil(count / BM) blocks each.
-    Returns rows, tok, slot, row_ok, expert, weight of each row, and the
-    number of blocks in use."""
+def _direct_rows(ids_ptr, tw_ptr, T, K, E, m, BM: tl.constexpr, NMAX: tl.constexpr):
+    """Block m of the sort contract, computed from topk_ids (its n = T*K <=
+    NMAX entries): experts in order of first appearance, each expert's
+    entries in (token, slot) order, ceil(count / BM) blocks each. Returns
+    rows, tok, slot, row_ok, expert, weight of each row, and the number of
+    blocks in use."""
     n = T * K
     i = tl.arange(0, NMAX)
     e = tl.load(ids_ptr + i, mask=i < n, other=-1)
     ok = (i < n) & (e >= 0) & (e < E)
-    same = (e[:, None] == e[None, :]) & ok[:, None] & ok[None, :]
+    # A valid id never equals an invalid one, so `same` needs no ok mask:
+    # every use below selects valid entries (ok, first) itself.
+    same = e[:, None] == e[None, :]
     dup = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), 1)  # rank in its expert
     first = ok & (dup == 0)
     nblk = tl.where(first, (tl.sum(same.to(tl.int32), 1) + BM - 1) // BM, 0)
     start = tl.cumsum(nblk, 0) - nblk  # first block of each expert (at its first entry)
     blk = tl.sum(tl.where(same & first[None, :], start[None, :], 0), 1) + dup // BM
-    m = tl.program_id(1)
     r = tl.arange(0, BM)
     sel = (ok & (blk == m))[None, :] & ((dup % BM)[None, :] == r[:, None])  # [BM, NMAX]
     row_ok = tl.sum(sel.to(tl.int32), 1) > 0
@@ -68,74 +69,88 @@ def _direct_rows(ids_ptr, tw_ptr, T, K, E, BM: tl.constexpr, NMAX: tl.constexpr)
     return m * BM + r, tl.where(row_ok, tok, T), slot, row_ok, expert, wgt, tl.sum(nblk, 0)
 
 
-@triton.jit
-def _zero(ptr, n, BLOCK: tl.constexpr):
-    """Zero ptr[0:n), split over the programs of axis 0 (those with m = s = 0)."""
-    share = tl.cdiv(tl.cdiv(n, tl.num_programs(0)), BLOCK) * BLOCK
-    lo = tl.program_id(0) * share
-    for b in range(lo, tl.minimum(lo + share, n), BLOCK):
-        offs = b + tl.arange(0, BLOCK)
-        tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < n)
-
-
-def _e2m1_high_nibbles_asm(src: str, selector: str, out: str) -> str:
+def _e2m1_high_nibbles_asm(src: str, selector: str, out: str, bias: bool) -> str:
     """PTX: the high nibbles of two bytes of `src` -> bf16x2 register `out`.
     prmt puts byte i in a half's low byte and its sign-replicated copy
     (selector nibble | 8) in the high byte: after << 2 the nibble's magnitude
     sits at bits 6-8 and bit 15 is its sign, so one mask leaves the bf16 bits."""
     return (f"prmt.b32 t, {src}, 0, {selector};\nshl.b32 t, t, 2;\n"
-            f"and.b32 {out}, t, 0x81c081c0;\nmul.rn.bf16x2 {out}, {out}, bias;")
+            f"and.b32 {out}, t, 0x81c081c0;" + (f"\nmul.rn.bf16x2 {out}, {out}, bias;" if bias else ""))
+
+
+def _e2m1_even_odd_asm(bias: bool) -> str:
+    return ("{ .reg .b32 t, lo, bias;\nmov.b32 bias, 0x7e807e80;\nshl.b32 lo, $4, 4;\n"
+            + "\n".join(_e2m1_high_nibbles_asm(src, sel, out, bias) for src, sel, out in (
+                ("lo", "0x9180", "$0"), ("lo", "0xb3a2", "$1"), ("$4", "0x9180", "$2"),
+                ("$4", "0xb3a2", "$3"))) + "\n}")
 
 
 # The bf16 bits of an E2M1 code n are (n & 8) << 12 | (n & 7) << 6 = its value
 # * 2**-126 (E2M1's subnormal 0.5 lands on a bf16 subnormal, exactly); one
-# bf16x2 multiply by 2**126 (0x7e80) makes it the value. Odd elements are the
-# high nibbles of bytes 0, 1 (selector 0x9180), then 2, 3 (0xb3a2); even ones
-# are the high nibbles of the word shifted left by 4 (byte i keeps its place).
-E2M1_EVEN_ODD_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 t, lo, bias;\nmov.b32 bias, 0x7e807e80;\nshl.b32 lo, $4, 4;\n"
-    + "\n".join(_e2m1_high_nibbles_asm(src, sel, out) for src, sel, out in (
-        ("lo", "0x9180", "$0"), ("lo", "0xb3a2", "$1"), ("$4", "0x9180", "$2"),
-        ("$4", "0xb3a2", "$3"))) + "\n}")
+# bf16x2 multiply by 2**126 (0x7e80) makes it the value, unless the scale
+# carries that factor (FOLD). Odd elements are the high nibbles of bytes 0, 1
+# (selector 0x9180), then 2, 3 (0xb3a2); even ones are the high nibbles of
+# the word shifted left by 4 (byte i keeps its place).
+E2M1_EVEN_ODD_ASM: tl.constexpr = tl.constexpr(_e2m1_even_odd_asm(bias=True))
+E2M1_EVEN_ODD_RAW_ASM: tl.constexpr = tl.constexpr(_e2m1_even_odd_asm(bias=False))
 
 
 @triton.jit
-def e2m1_even_odd(w):
+def e2m1_even_odd(w, RAW: tl.constexpr):
     """Packed E2M1 [R, C] (uint8, element 2i in the low nibble) -> (even, odd)
-    elements as bf16 [R, C] each, exact. Elementwise (same shape in and out),
-    so triton can load the bytes straight into the MMA operand layout."""
+    elements as bf16 [R, C] each, exact; times 2**-126 when RAW.
+    Elementwise (same shape in and out), so triton can load the bytes straight
+    into the MMA operand layout."""
+    if RAW:
+        asm: tl.constexpr = E2M1_EVEN_ODD_RAW_ASM
+    else:
+        asm: tl.constexpr = E2M1_EVEN_ODD_ASM
     return tl.inline_asm_elementwise(
-        asm=E2M1_EVEN_ODD_ASM, constraints="=r,=r,=r,=r,r",
-        args=[w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-
-# Scale bytes 0, 1 of a word to the halves' exponent fields, then bytes 2, 3.
-E8M0_BF16_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 t;\n"
-    "prmt.b32 t, $2, 0, 0x5140;\nshl.b32 $0, t, 7;\n"
-    "prmt.b32 t, $2, 0, 0x7362;\nshl.b32 $1, t, 7;\n}")
-
-
-@triton.jit
-def e8m0_bf16(ws):
-    """E8M0 scale bytes -> 2**(byte - 127) as bf16 (the exponent field is the
-    byte). Two departures from the reference, for bytes no real weights use:
-    255 (NaN) gives +inf, so the block's elements become +-inf (0 * inf: NaN)
-    rather than NaN; 0 gives 0 rather than 2**-127, flushing elements of
-    magnitude <= 6 * 2**-127 to zero (an all-zero block, byte 0, is exact)."""
-    return tl.inline_asm_elementwise(
-        asm=E8M0_BF16_ASM, constraints="=r,=r,r", args=[ws], dtype=tl.bfloat16,
+        asm=asm, constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16),
         is_pure=True, pack=4)
 
 
+# Scale bytes 0, 1 of a word to the halves' exponent fields, then bytes 2, 3;
+# FOLD adds 126 to each field (2**126 * 2**(byte - 127), normal for bytes <= 128).
+def _e8m0_bf16_asm(fold: bool) -> str:
+    add = "\nadd.u32 {0}, {0}, 0x3f003f00;" if fold else ""
+    return ("{ .reg .b32 t;\n"
+            "prmt.b32 t, $2, 0, 0x5140;\nshl.b32 $0, t, 7;" + add.format("$0") + "\n"
+            "prmt.b32 t, $2, 0, 0x7362;\nshl.b32 $1, t, 7;" + add.format("$1") + "\n}")
+
+
+E8M0_BF16_ASM: tl.constexpr = tl.constexpr(_e8m0_bf16_asm(fold=False))
+E8M0_BF16_FOLD_ASM: tl.constexpr = tl.constexpr(_e8m0_bf16_asm(fold=True))
+
+
 @triton.jit
-def _mx_dot_even_odd(acc, xe, xo, w, ws):
+def e8m0_bf16(ws, FOLD: tl.constexpr):
+    """E8M0 scale bytes -> 2**(byte - 127) as bf16 (the exponent field is the
+    byte), or 2**(byte - 1) when FOLD (bytes <= 128 only, which the caller knows:
+    cuda_kernels.FOLD_MAX_SCALE_BYTE). Without FOLD, two
+    departures from the reference, for bytes no real weights use: 255 (NaN)
+    gives +inf, so the block's elements become +-inf (0 * inf: NaN) rather
+    than NaN; 0 gives 0 rather than 2**-127, flushing elements of magnitude
+    <= 6 * 2**-127 to zero (an all-zero block, byte 0, is exact). With FOLD
+    byte 0 is exact too."""
+    if FOLD:
+        asm: tl.constexpr = E8M0_BF16_FOLD_ASM
+    else:
+        asm: tl.constexpr = E8M0_BF16_ASM
+    return tl.inline_asm_elementwise(
+        asm=asm, constraints="=r,=r,r", args=[ws], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
     """acc += upcast(w, ws) @ [xe | xo] over interleaved K: W as the MMA's A
-    operand, its even and odd elements against x's even and odd columns."""
+    operand, its even and odd elements against x's even and odd columns.
+    FOLD: the 2**126 of the raw E2M1 bits rides on the scale (one bf16x2
+    multiply per pair instead of two)."""
     R: tl.constexpr = w.shape[0]
     C: tl.constexpr = w.shape[1]
-    even, odd = e2m1_even_odd(w)
-    s = e8m0_bf16(ws)
+    even, odd = e2m1_even_odd(w, FOLD)
+    s = e8m0_bf16(ws, FOLD)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (R, C // 16, 16)), (R, C))
     acc = tl.dot(even * s, tl.trans(xe), acc)
     acc = tl.dot(odd * s, tl.trans(xo), acc)
@@ -156,25 +171,32 @@ def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
 
 @triton.jit
 def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k0, k_hi, K,
-                BK: tl.constexpr):
+                BK: tl.constexpr, EVEN_K: tl.constexpr):
     """A [BM, BK], packed W [BN, BK/2] and scales [BN, BK/32] of one K step
-    (all masked off past k_hi: nothing is read there)."""
+    (all masked off past k_hi: nothing is read there). EVEN_K: K is a
+    multiple of BK, so every step is whole and only rows are masked."""
     kk = k0 + tl.arange(0, BK)
-    a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :],
-                mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
     kp = k0 // 2 + tl.arange(0, BK // 2)
-    w = tl.load(w_ptr + w_row[:, None] * (K // 2) + kp[None, :],
-                mask=w_row_ok[:, None] & (kp < k_hi // 2)[None, :], other=0)
     ks = k0 // 32 + tl.arange(0, BK // 32)
-    ws = tl.load(ws_ptr + w_row[:, None] * (K // 32) + ks[None, :],
-                 mask=w_row_ok[:, None] & (ks < k_hi // 32)[None, :], other=0)
+    if EVEN_K:
+        a_ok = a_row_ok[:, None]
+        w_ok = w_row_ok[:, None]
+        s_ok = w_row_ok[:, None]
+    else:
+        a_ok = a_row_ok[:, None] & (kk < k_hi)[None, :]
+        w_ok = w_row_ok[:, None] & (kp < k_hi // 2)[None, :]
+        s_ok = w_row_ok[:, None] & (ks < k_hi // 32)[None, :]
+    a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :], mask=a_ok, other=0.0)
+    w = tl.load(w_ptr + w_row[:, None] * (K // 2) + kp[None, :], mask=w_ok, other=0)
+    ws = tl.load(ws_ptr + w_row[:, None] * (K // 32) + ks[None, :], mask=s_ok, other=0)
     return a, w, ws
 
 
 @triton.jit
 def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo, k_hi, K,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               A_FMT: tl.constexpr, SWAP: tl.constexpr):
+               A_FMT: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
+               EVEN_K: tl.constexpr):
     """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN].
 
     A plain loop, so that triton's pipeliner (num_stages) turns the loads into
@@ -186,14 +208,14 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo,
         acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
-                               k0, k_hi, K, BK)
+                               k0, k_hi, K, BK, EVEN_K)
         if A_FMT == 0:
             a = a.to(tl.bfloat16)
         else:
             a = mx_fake_quant(a.to(tl.float32), BM, BK, A_FMT == 2).to(tl.bfloat16)
         if SWAP == 2:
             xe, xo = tl.split(tl.reshape(a, (BM, BK // 2, 2)))
-            acc = _mx_dot_even_odd(acc, xe, xo, w, ws)
+            acc = _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD)
         else:
             acc = _mx_dot(acc, a, w, ws, SWAP)
     if SWAP:
@@ -201,41 +223,26 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo,
     return acc
 
 
+# ---------------------------------------------------------------------------
+# gemm1: x @ W1^T + b1, activation, re-quantisation
+# ---------------------------------------------------------------------------
+
 @triton.jit
-def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
-              part_ptr, y_ptr, y_len, T, H, I, E, TOPK, swiglu_alpha, swiglu_limit,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
-              INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
-              DIRECT: tl.constexpr, NMAX: tl.constexpr, ZERO_Y: tl.constexpr):
-    """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for BN columns n
-    of the intermediate; ACT 0 = silu, 1 = swiglu_oai. out is [P, I] bf16.
-
-    SPLIT_K > 1 (decode: too few CTAs to keep the weights streaming): program
-    (n, m, s) sums H-slice s only and adds it into part [launched rows, 2I]
-    f32; the last of the SPLIT_K programs of a tile to arrive (one int32
-    counter per tile, stored after part's rows) applies the epilogue. part and
-    the counters start at 0.
-
-    ZERO_Y: the programs (n, 0, 0) first zero y_ptr[0:y_len) (f32), gemm2's
-    accumulator and counters, which saves the stream a memset."""
-    if ZERO_Y:
-        if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-            _zero(y_ptr, y_len, 1024)
-    if DIRECT:
-        rows, tok, slot, row_ok, expert, _, live = _direct_rows(sid_ptr, sid_ptr, T, TOPK, E,
-                                                                BM, NMAX)
-        if tl.program_id(1) >= live:
-            return
-    else:
-        if tl.program_id(1) * BM >= tl.load(nv_ptr):
-            return
-        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
+def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
+                rows, tok, row_ok, expert, pid_n, pid_s, H, I, swiglu_alpha, swiglu_limit,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
+                INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+                SPLIT_K: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr):
+    """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for the BN
+    columns n of tile pid_n, H-slice pid_s. SPLIT_K > 1: the slice is added
+    into part [rows, 2I] f32 and the last of the tile's SPLIT_K programs to
+    arrive (count_ptr, the tile's int32 counter) applies the epilogue; part
+    and the counters start at 0. Returns whether this program stored the tile."""
     e = expert.to(tl.int64)
     # Accumulator column j holds gate (j even) or up (j odd) of n = n0 + j // 2.
     j = tl.arange(0, 2 * BN)
-    n = tl.program_id(0) * BN + j // 2
+    n = pid_n * BN + j // 2
     up = j % 2
     if INTERLEAVED:
         w_row = 2 * n + up
@@ -243,46 +250,138 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr,
         w_row = n + up * I
     w_row_ok = n < I
     k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
-    k_lo = tl.program_id(2) * k_len
+    k_lo = pid_s * k_len
     acc = _gemm_loop(x_ptr, tok * H, row_ok,
                      w_ptr + e * (2 * I) * (H // 2), ws_ptr + e * (2 * I) * (H // 32),
                      w_row, w_row_ok, k_lo, tl.minimum(k_lo + k_len, H), H,
-                     BM, 2 * BN, BK, A_FMT, SWAP)
+                     BM, 2 * BN, BK, A_FMT, SWAP, FOLD, EVEN_K)
+    last = True
     if SPLIT_K > 1:
-        part = part_ptr + rows[:, None] * (2 * I) + (tl.program_id(0) * 2 * BN + j)[None, :]
+        part = part_ptr + rows[:, None] * (2 * I) + (pid_n * 2 * BN + j)[None, :]
         ok = row_ok[:, None] & w_row_ok[None, :]
         tl.atomic_add(part, acc, mask=ok, sem="relaxed")
         # Every thread's partial sums are in before the tile's counter moves
         # (release); the last program reads them all back (acquire).
         tl.debug_barrier()
-        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        count_ptr = (part_ptr + tl.num_programs(1) * BM * 2 * I).to(tl.pointer_type(tl.int32))
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") != SPLIT_K - 1:
-            return
-        acc = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + e * (2 * I) + w_row, mask=w_row_ok, other=0.0)[None, :]
-    g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
-    if ACT == 0:
-        h = g / (1.0 + tl.exp(-g)) * u
-    else:
-        # where() rather than min/clamp so that NaN propagates.
-        g = tl.where(g > swiglu_limit, swiglu_limit, g)
-        u = tl.where(u > swiglu_limit, swiglu_limit, u)
-        u = tl.where(u < -swiglu_limit, -swiglu_limit, u)
-        h = g / (1.0 + tl.exp(-swiglu_alpha * g)) * (u + 1.0)
-    if OUT_FMT != 0:
-        h = mx_fake_quant(h, BM, BN, OUT_FMT == 2)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    tl.store(out_ptr + rows[:, None] * I + cols[None, :], h.to(tl.bfloat16),
-             mask=row_ok[:, None] & (cols < I)[None, :])
+        last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        if SPLIT_K > 1:
+            acc = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e * (2 * I) + w_row, mask=w_row_ok, other=0.0)[None, :]
+        g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+        if ACT == 0:
+            h = g / (1.0 + tl.exp(-g)) * u
+        else:
+            # where() rather than min/clamp so that NaN propagates.
+            g = tl.where(g > swiglu_limit, swiglu_limit, g)
+            u = tl.where(u > swiglu_limit, swiglu_limit, u)
+            u = tl.where(u < -swiglu_limit, -swiglu_limit, u)
+            h = g / (1.0 + tl.exp(-swiglu_alpha * g)) * (u + 1.0)
+        if OUT_FMT != 0:
+            h = mx_fake_quant(h, BM, BN, OUT_FMT == 2)
+        cols = pid_n * BN + tl.arange(0, BN)
+        tl.store(out_ptr + rows[:, None] * I + cols[None, :], h.to(tl.bfloat16),
+                 mask=row_ok[:, None] & (cols < I)[None, :])
+    return last
 
 
 @triton.jit
-def _store_cast(y_ptr, out_ptr, T, H, BN: tl.constexpr, CAST_T: tl.constexpr):
-    """out[:, tile] = y[:, tile] in out's dtype, for column tile program_id(0)."""
+def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, part_ptr,
+              T, H, I, E, TOPK, swiglu_alpha, swiglu_limit,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
+              INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SWAP: tl.constexpr, SPLIT_K: tl.constexpr, FOLD: tl.constexpr,
+              EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr):
+    """gemm1 of the sorted rows (_gemm1_tile), program (n, m, s) = column tile,
+    row block, H-slice; ACT 0 = silu, 1 = swiglu_oai; out is [P, I] bf16.
+    SPLIT_K > 1: part holds [launched rows, 2I] f32 partial sums, then one
+    int32 counter per tile (all zeroed by the caller)."""
+    m = tl.program_id(1)
+    if DIRECT:
+        rows, tok, slot, row_ok, expert, _, live = _direct_rows(sid_ptr, sid_ptr, T, TOPK, E, m,
+                                                                BM, NMAX)
+        if m >= live:
+            return
+    else:
+        if m * BM >= tl.load(nv_ptr):
+            return
+        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, T, m, BM)
+    tile = m * tl.num_programs(0) + tl.program_id(0)
+    count_ptr = (part_ptr + tl.num_programs(1) * BM * 2 * I).to(tl.pointer_type(tl.int32)) + tile
+    _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows, tok, row_ok,
+                expert, tl.program_id(0), tl.program_id(2), H, I, swiglu_alpha, swiglu_limit,
+                BM, BN, BK, A_FMT, OUT_FMT, ACT, INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD,
+                EVEN_K)
+
+
+# ---------------------------------------------------------------------------
+# gemm2: inter @ W2^T + b2, times the routing weight, into y[token]
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_n, pid_s, H, I,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+                FOLD: tl.constexpr, EVEN_K: tl.constexpr):
+    """wgt(r) * (inter[r] @ W2[e, n]^T [+ b2[e, n] in slice 0]) over I-slice
+    pid_s, for the BN columns n of tile pid_n -> (acc [BM, BN], cols, col_ok)."""
+    e = expert.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < H
+    k_len = tl.cdiv(tl.cdiv(I, BK), SPLIT_K) * BK
+    k_lo = pid_s * k_len
+    acc = _gemm_loop(inter_ptr, rows * I, row_ok,
+                     w_ptr + e * H * (I // 2), ws_ptr + e * H * (I // 32),
+                     cols, col_ok, k_lo, tl.minimum(k_lo + k_len, I), I, BM, BN, BK, 0, SWAP,
+                     FOLD, EVEN_K)
+    if HAS_BIAS:
+        if pid_s == 0:
+            acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
+    return acc * wgt[:, None], cols, col_ok
+
+
+@triton.jit
+def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr, y_ptr,
+              T, H, I, E, TOPK,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
+              EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr):
+    """gemm2 of the sorted rows (_gemm2_tile), program (n, m, s), added into y
+    [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1) stored into
+    y [T, TOPK, H] f32 at (token, slot)."""
+    m = tl.program_id(1)
+    if DIRECT:
+        rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(sid_ptr, sw_ptr, T, TOPK, E, m,
+                                                                  BM, NMAX)
+        if m >= live:
+            return
+    else:
+        if m * BM >= tl.load(nv_ptr):
+            return
+        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, T, m, BM)
+        wgt = tl.load(sw_ptr + rows)
+    acc, cols, col_ok = _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt,
+                                    tl.program_id(0), tl.program_id(2), H, I, BM, BN, BK,
+                                    SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K)
+    ok = row_ok[:, None] & col_ok[None, :]
+    if DETERMINISTIC:
+        tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
+    else:
+        tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc, mask=ok, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------
+# Decode: the whole layer in one launch
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _store_cast(y_ptr, out_ptr, T, H, pid_n, BN: tl.constexpr, CAST_T: tl.constexpr):
+    """out[:, tile] = y[:, tile] in out's dtype, for column tile pid_n."""
     t = tl.arange(0, CAST_T)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     offs = t[:, None] * H + cols[None, :]
     m = (t < T)[:, None] & (cols < H)[None, :]
     v = tl.load(y_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
@@ -290,54 +389,90 @@ def _store_cast(y_ptr, out_ptr, T, H, BN: tl.constexpr, CAST_T: tl.constexpr):
 
 
 @triton.jit
-def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr, y_ptr,
-              out_ptr, T, H, I, E, TOPK,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-              DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr,
-              DIRECT: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr):
-    """sorted_weight(r) * (inter[r] @ W2[e, n]^T + b2[e, n]) for BN columns n of
-    H, added into y [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1)
-    stored into y [T, TOPK, H] f32 at (token, slot).
+def _backoff(x):
+    """x, after the thread sleeps ~0.25 us (polling without flooding L2)."""
+    return tl.inline_asm_elementwise("nanosleep.u32 256;\nmov.b32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.int32, is_pure=False, pack=1)
 
-    CAST_T > 0 (DIRECT, atomics, T <= CAST_T): the last program to add into a
-    column tile (one int32 counter per tile, stored after y's T*H values)
-    writes y[:, tile] to out in out's dtype, so no separate cast follows."""
-    if DIRECT:
-        rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(sid_ptr, sw_ptr, T, TOPK, E,
-                                                                  BM, NMAX)
-        if tl.program_id(1) >= live:
-            if CAST_T > 0:
-                if (live == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-                    _store_cast(y_ptr, out_ptr, T, H, BN, CAST_T)  # no entry: y stays 0
-            return
+
+@triton.jit
+def _wait_at_least(ptr, target):
+    """Spin until the int32 at ptr reaches target, then acquire (pairs with
+    the releases that counted up to it)."""
+    c = tl.load(ptr, volatile=True)
+    while c < target:
+        c = _backoff(tl.load(ptr, volatile=True))
+    tl.atomic_add(ptr, 0, sem="acquire")
+
+
+@triton.jit
+def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr, tw_ptr,
+               inter_ptr, scratch_ptr, out_ptr, T, H, I, E, TOPK, grid_m,
+               cnt1_off, y_off, cnt2_off, sync_off, swiglu_alpha, swiglu_limit,
+               BM: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr, SPLIT1: tl.constexpr,
+               BN2: tl.constexpr, BK2: tl.constexpr, SPLIT2: tl.constexpr,
+               A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
+               INTERLEAVED: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
+               SWAP: tl.constexpr, FOLD: tl.constexpr, EVEN_K1: tl.constexpr,
+               EVEN_K2: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr):
+    """The layer at decode size in one launch (one custom call, one kernel):
+    both gemms route from topk_ids (_direct_rows; ids_ptr, tw_ptr flat).
+
+    A 1-D grid of gemm1 programs (n1 * grid_m * SPLIT1) then gemm2 programs
+    (n2 * grid_m * SPLIT2), each (column tile, row block, K slice) with the
+    tile fastest. A program's role comes from a ticket taken at its start,
+    not from its block index, so every gemm1 role is held by a started
+    program before any gemm2 role is handed out: a gemm2 program waits for
+    gemm1's n1 tiles of its row block (a counter per block) without relying
+    on the order in which the hardware starts blocks, and without deadlock;
+    blocks finish roughly in ticket order, so gemm2 starts on the first
+    blocks while gemm1 works on the last. gemm2 adds into y (f32); the last
+    program to add into a column tile (a counter per tile) writes that tile
+    of out in out's dtype.
+
+    scratch (f32 / int32, zeroed by the caller): gemm1's split-K partial sums
+    [grid_m * BM, 2I] at 0, its tile counters at cnt1_off, y [T, H] at y_off,
+    gemm2's column-tile counters at cnt2_off, then the ticket and the
+    tiles-done counter of each row block at sync_off.
+    inter [grid_m * BM, I] bf16 is gemm1's output."""
+    sync = (scratch_ptr + sync_off).to(tl.pointer_type(tl.int32))
+    ticket = tl.atomic_add(sync, 1, sem="relaxed")
+    n1 = tl.cdiv(I, BN1)
+    n2 = tl.cdiv(H, BN2)
+    p1 = n1 * grid_m * SPLIT1
+    is_gemm1 = ticket < p1
+    q = tl.where(is_gemm1, ticket, ticket - p1)
+    nn = tl.where(is_gemm1, n1, n2)
+    pid_n = q % nn
+    m = (q // nn) % grid_m
+    pid_s = q // (nn * grid_m)
+    rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(ids_ptr, tw_ptr, T, TOPK, E, m,
+                                                              BM, NMAX)
+    y_ptr = scratch_ptr + y_off
+    if is_gemm1:
+        if m < live:
+            count1 = (scratch_ptr + cnt1_off).to(tl.pointer_type(tl.int32)) + m * n1 + pid_n
+            stored = _gemm1_tile(x_ptr, w1_ptr, w1s_ptr, b1_ptr, inter_ptr, scratch_ptr, count1,
+                                 rows, tok, row_ok, expert, pid_n, pid_s, H, I, swiglu_alpha,
+                                 swiglu_limit, BM, BN1, BK1, A_FMT, OUT_FMT, ACT, INTERLEAVED,
+                                 HAS_BIAS1, SWAP, SPLIT1, FOLD, EVEN_K1)
+            if stored:
+                # The tile's stores are in before it is counted (release).
+                tl.debug_barrier()
+                tl.atomic_add(sync + 1 + m, 1, sem="release")
     else:
-        if tl.program_id(1) * BM >= tl.load(nv_ptr):
-            return
-        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, nv_ptr, T, BM)
-        wgt = tl.load(sw_ptr + rows)
-    e = expert.to(tl.int64)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    col_ok = cols < H
-    k_len = tl.cdiv(tl.cdiv(I, BK), SPLIT_K) * BK
-    k_lo = tl.program_id(2) * k_len
-    k_hi = tl.minimum(k_lo + k_len, I)
-    acc = _gemm_loop(inter_ptr, rows * I, row_ok,
-                     w_ptr + e * H * (I // 2), ws_ptr + e * H * (I // 32),
-                     cols, col_ok, k_lo, k_hi, I, BM, BN, BK, 0, SWAP)
-    if HAS_BIAS:
-        if tl.program_id(2) == 0:
-            acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
-    acc *= wgt[:, None]
-    ok = row_ok[:, None] & col_ok[None, :]
-    if DETERMINISTIC:
-        tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
-    else:
-        tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc, mask=ok, sem="relaxed")
-        if CAST_T > 0:
+        if m < live:
+            _wait_at_least(sync + 1 + m, n1)
+            acc, cols, col_ok = _gemm2_tile(inter_ptr, w2_ptr, w2s_ptr, b2_ptr, rows, row_ok,
+                                            expert, wgt, pid_n, pid_s, H, I, BM, BN2, BK2,
+                                            SPLIT2, HAS_BIAS2, SWAP, FOLD, EVEN_K2)
+            tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc,
+                          mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
             # As in gemm1's split-K: all of this program's adds are in before
             # its arrival is counted (release); the last one reads them all.
             tl.debug_barrier()
-            count_ptr = (y_ptr + T * H).to(tl.pointer_type(tl.int32))
-            if tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel") == live * SPLIT_K - 1:
-                _store_cast(y_ptr, out_ptr, T, H, BN, CAST_T)
+            count2 = (scratch_ptr + cnt2_off).to(tl.pointer_type(tl.int32)) + pid_n
+            if tl.atomic_add(count2, 1, sem="acq_rel") == live * SPLIT2 - 1:
+                _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)
+        elif (live == 0) & (m == 0) & (pid_s == 0):
+            _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)  # no entry: y stays 0
