@@ -159,6 +159,9 @@ def test_config_table_properties():
     assert choose_config(1, 4, 128, 2880, 2880, deterministic=True).gemm1.split_k == 1
     # a big grid needs no split
     assert choose_config(512, 4, 128, 2880, 2880, deterministic=False).gemm1.split_k == 1
+    # moe_decode runs both gemms in one kernel: one warp count, pipeline depth and operand order
+    for _, _, g1, g2 in _REGIMES:
+        assert (g1.num_warps, g1.num_stages, g1.swap) == (g2.num_warps, g2.num_stages, g2.swap)
 
 
 def test_missing_compiler_and_cache_says_so(monkeypatch, tmp_path):

@@ -69,6 +69,8 @@ def run_ptx(asm: str, inputs: dict) -> dict:
             regs[d] = _prmt(val(args[0]), val(args[1]), val(args[2]))
         elif op == "shl.b32":
             regs[d] = (val(args[0]) << val(args[1])) & MASK32
+        elif op == "add.u32":
+            regs[d] = (val(args[0]) + val(args[1])) & MASK32
         elif op == "and.b32":
             regs[d] = val(args[0]) & val(args[1])
         elif op == "or.b32":
@@ -128,9 +130,42 @@ def test_e8m0_bf16_ptx_gives_the_power_of_two_and_documented_edges():
                 assert g == 2.0 ** (byte - 127), byte
 
 
+def _even_odd(asm, word):
+    r = run_ptx(asm, {"$4": word})
+    return (np.concatenate([_bf16_pair(r["$0"]), _bf16_pair(r["$1"])]),
+            np.concatenate([_bf16_pair(r["$2"]), _bf16_pair(r["$3"])]))
+
+
+def test_folded_scale_times_raw_bits_is_the_mx_value():
+    """FOLD: the raw E2M1 bits (value * 2**-126, no bias multiply) times the
+    folded scale (2**(byte - 1)) in one bf16 multiply give value * 2**(byte -
+    127) exactly, for every code and every byte <= FOLD_MAX_SCALE_BYTE (0 included)."""
+    from jax_mxfp4_moe.backends.cuda_kernels import FOLD_MAX_SCALE_BYTE
+    raw_asm, fold_asm = moe_gemm.E2M1_EVEN_ODD_RAW_ASM.value, moe_gemm.E8M0_BF16_FOLD_ASM.value
+    codes = np.arange(256, dtype=np.uint32)  # byte j of word w: even code j & 15, odd j >> 4
+    raw = {}
+    for w in range(64):
+        even, odd = _even_odd(raw_asm, int(codes[4 * w] | codes[4 * w + 1] << 8
+                                           | codes[4 * w + 2] << 16 | codes[4 * w + 3] << 24))
+        for i in range(4):
+            raw[4 * w + i] = (even[i], odd[i])
+    for j, (e, o) in raw.items():  # the raw values themselves, subnormal 0.5 included
+        assert float(e) == _e2m1([j & 15])[0] * 2.0 ** -126, j
+        assert float(o) == _e2m1([j >> 4])[0] * 2.0 ** -126, j
+    for byte in range(FOLD_MAX_SCALE_BYTE + 1):
+        r = run_ptx(fold_asm, {"$2": byte * 0x01010101})
+        scales = np.concatenate([_bf16_pair(r["$0"]), _bf16_pair(r["$1"])])
+        assert all(float(v) == 2.0 ** (byte - 1) for v in scales), byte
+        s = scales[0]
+        for j, (e, o) in raw.items():
+            for got, code in ((e * s, j & 15), (o * s, j >> 4)):  # a bf16 multiply, as the kernel's
+                want = _e2m1([code])[0] * 2.0 ** (byte - 127)
+                assert float(got) == want and np.signbit(got) == np.signbit(want), (byte, code)
+
+
 def test_interpreter_rejects_what_it_does_not_know():
     with pytest.raises(NotImplementedError):
-        run_ptx("{ add.u32 $0, $1, 1; }", {"$1": 0})
+        run_ptx("{ sub.u32 $0, $1, 1; }", {"$1": 0})
     with pytest.raises(KeyError):
         run_ptx("{ or.b32 $0, t, 1; }", {})
     # prmt's sign-replicate mode and byte order, by hand

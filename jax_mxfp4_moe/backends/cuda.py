@@ -226,7 +226,8 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype, 
     """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
     programs, then gemm2's, which wait for gemm1's tiles; one zeroed scratch
     holds gemm1's split-K sums and counters, y (f32), gemm2's counters, the
-    launch's ticket and gemm1's tiles done per row block."""
+    launch's ticket and gemm1's tiles done per row block. Both gemms run
+    with gemm1's warps, stages and operand order (the table keeps them equal)."""
     ffi = _ffi()
     T, H = x.shape
     E, I, K = w.num_experts, w.intermediate, ids.shape[0] // T
