@@ -2,7 +2,7 @@
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
 # device tool returns at most 8 files: run few steps per call).
 # usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full bench_mx
-#   bench_oss bench_ds sweep breakdown sanitize ncu cache_out)
+#   bench_oss bench_ds sweep breakdown host_profile sanitize ncu cache_out)
 # A code cache brought back by cache_out (.jmcache.tgz, carried) is unpacked first.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -64,6 +64,13 @@ for step in "$@"; do
     breakdown)  # BREAKDOWN="PRESET QUANT T,... [N]" (bench/breakdown.py)
       timeout ${T_BREAKDOWN:-120} python3 bench/breakdown.py ${BREAKDOWN:-gpt-oss-120b a16w4 1,8,64} 2>&1 \
         | grep -v Warn | tee -a "$OUT/breakdown.log"
+      ;;
+    host_profile)  # HOSTPROF="PRESET QUANT T [N] [FORMS]"; also without command buffers
+      timeout ${T_HOSTPROF:-150} python3 bench/host_profile.py ${HOSTPROF:-gpt-oss-120b a16w4 1 8} 2>&1 \
+        | grep -v Warn > "$OUT/host_profile.log"; grep "^#\|^==" "$OUT/host_profile.log"
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout ${T_HOSTPROF:-150} python3 bench/host_profile.py \
+        ${HOSTPROF:-gpt-oss-120b a16w4 1 8} 2>&1 | grep -v Warn > "$OUT/host_profile_nocb.log"
+      grep "^#\|^==" "$OUT/host_profile_nocb.log"
       ;;
     sanitize)
       timeout ${T_MEMCHECK:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \

@@ -1,8 +1,9 @@
 """Block configurations compared on the device, in one process: each candidate
 replaces the config table with a single regime, and the bench times this
 package's moe (ours only) at the given T.
-usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[@WARPS][,...]"""
+usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[@WARPS][%NREG][,...]"""
 
+import re
 import sys
 
 import jax
@@ -59,13 +60,15 @@ CANDIDATES = {
 
 def main(preset, quant, tokens, names):
     ceilings = None
-    default_warps = cuda_kernels._WARPS_PER_SM
+    defaults = (cuda_kernels.WARPS_PER_SM, cuda_kernels.DECODE_MAXNREG)
     for name in names:
-        # NAME@W: split-K sized for W warps per SM instead of the table's
-        base, _, warps = name.partition("@")
+        # NAME[@W][%R]: split-K sized for W warps per SM instead of the
+        # table's; moe_decode capped at R registers instead of the table's
+        base, warps, nreg = re.fullmatch(r"([^@%]+)(?:@(\d+))?(?:%(\d+))?", name).groups()
         bm, g1, g2 = CANDIDATES[base]
         cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2),)
-        cuda_kernels._WARPS_PER_SM = int(warps) if warps else default_warps
+        cuda_kernels.WARPS_PER_SM = int(warps) if warps else defaults[0]
+        cuda_kernels.DECODE_MAXNREG = int(nreg) if nreg else defaults[1]
         cuda_kernels.get_kernel.cache_clear()
         jax.clear_caches()
         try:

@@ -23,12 +23,31 @@ def test_tiny_preset_runs_and_writes_json(tmp_path):
         assert row["roofline_s"] == max(row["bytes"] / h["hbm_bytes_per_s"],
                                         row["flops"] / h["bf16_flops_per_s"])
         ours = row["results"]["ours"]
-        assert ours["status"] == "ok" and ours["time_s"] > 0
+        assert ours["status"] == "ok" and ours["time_s"] > 0 and ours["sync_time_s"] > 0
         assert np.isclose(ours["pct_roofline"], 100 * row["roofline_s"] / ours["time_s"])
         for name in ("bf16_ragged_dot", "mxfp4_dequant_ragged_dot"):
             r = row["results"][name]
             assert r["status"] == "ok"
             assert np.isclose(r["ratio_to_ours"], r["time_s"] / ours["time_s"])
+
+
+def test_pipelined_timing_batches_calls_and_waits_for_the_last(monkeypatch):
+    """Each sample dispatches a batch of calls and blocks once, on the last."""
+    calls, waited = [], []
+    monkeypatch.setattr(bench.jax, "block_until_ready", lambda v: waited.append(v) or v)
+    monkeypatch.setattr(bench, "PIPELINE_SAMPLE_S", 0.05)
+
+    def fn(a):
+        calls.append(a)
+        bench.time.sleep(0.01)
+        return len(calls)
+
+    times = bench._time_pipelined(fn, 7, reps=3, warmup=2)
+    assert len(times) == 3 and all(0.009 < t < 0.05 for t in times)
+    batch = (len(calls) - 5) // 3  # 2 warm-up + 3 sizing calls, each waited for
+    assert 2 <= batch <= 5 and len(calls) == 5 + 3 * batch
+    # then one wait per sample: on the batch's last result
+    assert waited[5:] == [5 + batch * (i + 1) for i in range(3)]
 
 
 def test_touched_bytes_count_only_distinct_experts():

@@ -138,3 +138,27 @@ def test_sort_sizes_and_errors():
                          expert_mask=jnp.ones(3, bool))
     with pytest.raises(ValueError, match="topk_weights"):
         sorting.moe_sort(jnp.zeros((2, 1), jnp.int32), jnp.zeros((1, 1)), num_experts=4, block_m=32)
+
+
+def test_cuda_row_block_bound_is_tight():
+    """backends.cuda.max_blocks(n, E, BM) bounds the blocks any routing of n
+    entries fills (the decode kernels size their grid by it), and some
+    routing reaches it: every split of n entries over at most E experts."""
+    from jax_mxfp4_moe.backends.cuda import max_blocks
+
+    def splits(n, parts):  # every multiset of <= parts positive counts summing to n
+        if n == 0:
+            yield ()
+            return
+        if parts == 0:
+            return
+        for first in range(1, n + 1):
+            for rest in splits(n - first, parts - 1):
+                if not rest or rest[0] <= first:
+                    yield (first, *rest)
+
+    for BM in (2, 3, 16):
+        for E in (1, 2, 3, 5, 40):
+            for n in range(1, 19):
+                most = max(sum(-(-c // BM) for c in s) for s in splits(n, E))
+                assert max_blocks(n, E, BM) == most, (n, E, BM)

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from .. import sorting
-from .cuda_kernels import (DECODE_MAXNREG, DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_CHUNK,
-                           SORT_ONE_MAX, TRITON_DTYPE, choose_config, kernel, launch)
+from . import cuda_kernels
+from .cuda_kernels import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_CHUNK, SORT_ONE_MAX,
+                           TRITON_DTYPE, choose_config, kernel, launch)
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -138,6 +139,13 @@ def _quant_dequant(x, *, fp8: bool):
     return y
 
 
+def max_blocks(n: int, E: int, BM: int) -> int:
+    """The most BM-row blocks n entries over E experts can fill: with u experts
+    in use, sum(ceil(c_e / BM)) <= u + (n - u) // BM, largest at u = min(E, n)."""
+    u = min(E, n)
+    return u + (n - u) // BM
+
+
 def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
@@ -156,8 +164,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     cfg = choose_config(T, K, E, H, I, deterministic=deterministic)
     BM = cfg.block_m
     g1, g2 = cfg.gemm1, cfg.gemm2
-    # Blocks that can hold entries: ceil(T*k/BM) full ones plus one partial per expert.
-    grid_m = -(-n // BM) + min(E, n)
+    grid_m = max_blocks(n, E, BM)
     direct = n <= DIRECT_MAX and expert_mask is None
     fmt = _ACT_FORMAT[quant]
     a_fmt = fmt
@@ -239,7 +246,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype, 
     sync_off = _pad16(cnt2_off + n2)
     grid = (n1 * grid_m * g1.split_k + n2 * grid_m * g2.split_k, 1, 1)
     kern = kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps, num_stages=g1.num_stages,
-                  maxnreg=DECODE_MAXNREG,
+                  maxnreg=cuda_kernels.DECODE_MAXNREG,
                   x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                   out_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name],
                   BM=BM, BN1=g1.block_n, BK1=g1.block_k, SPLIT1=g1.split_k, BN2=g2.block_n,

@@ -223,16 +223,16 @@ _REGIMES = (
 
 # Warps per SM that keep the weight streams busy in the decode regimes (2-warp
 # CTAs at ~160 registers fit 6 per SM): split-K aims for this many.
-_WARPS_PER_SM = 12
+WARPS_PER_SM = 12
 # moe_decode holds both gemms (184 registers uncapped, 5 CTAs per SM): capped
-# so that _WARPS_PER_SM warps fit the 64K registers (168: no spills, triton 3.6).
-DECODE_MAXNREG = 65536 // (_WARPS_PER_SM * 32) // 8 * 8
+# so that WARPS_PER_SM warps fit the 64K registers (168: no spills, triton 3.6).
+DECODE_MAXNREG = 65536 // (WARPS_PER_SM * 32) // 8 * 8
 
 
 def _split_k(ctas: int, cfg: GemmConfig, K: int) -> int:
-    """K slices per tile so that about _WARPS_PER_SM warps per SM run, each
+    """K slices per tile so that about WARPS_PER_SM warps per SM run, each
     slice keeping >= 4 K steps; 1 when the grid is already big enough."""
-    target = NUM_SMS * _WARPS_PER_SM // cfg.num_warps
+    target = NUM_SMS * WARPS_PER_SM // cfg.num_warps
     return max(1, min(8, target // max(ctas, 1), K // cfg.block_k // 4))
 
 

@@ -170,34 +170,38 @@ def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k0, k_hi, K,
+def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K,
                 BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """A [BM, BK], packed W [BN, BK/2] and scales [BN, BK/32] of one K step
-    (all masked off past k_hi: nothing is read there). EVEN_K: K is a
-    multiple of BK, so every step is whole and only rows are masked."""
+    """A [BM, BK], packed W [BN, BK/2] and scales [BN, BK/32] of one K step.
+    A's rows that are not kept are masked off (at decode most of the block:
+    their copies are not issued); every W row is in bounds (the callers
+    clamp the ones they do not keep), so W is masked only past k_hi, and not
+    at all when K is a multiple of BK (EVEN_K)."""
     kk = k0 + tl.arange(0, BK)
     kp = k0 // 2 + tl.arange(0, BK // 2)
     ks = k0 // 32 + tl.arange(0, BK // 32)
+    a_ptrs = a_ptr + a_row_off[:, None] + kk[None, :]
+    w_ptrs = w_ptr + w_row[:, None] * (K // 2) + kp[None, :]
+    s_ptrs = ws_ptr + w_row[:, None] * (K // 32) + ks[None, :]
     if EVEN_K:
-        a_ok = a_row_ok[:, None]
-        w_ok = w_row_ok[:, None]
-        s_ok = w_row_ok[:, None]
+        a = tl.load(a_ptrs, mask=a_row_ok[:, None], other=0.0)
+        w = tl.load(w_ptrs)
+        ws = tl.load(s_ptrs)
     else:
-        a_ok = a_row_ok[:, None] & (kk < k_hi)[None, :]
-        w_ok = w_row_ok[:, None] & (kp < k_hi // 2)[None, :]
-        s_ok = w_row_ok[:, None] & (ks < k_hi // 32)[None, :]
-    a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :], mask=a_ok, other=0.0)
-    w = tl.load(w_ptr + w_row[:, None] * (K // 2) + kp[None, :], mask=w_ok, other=0)
-    ws = tl.load(ws_ptr + w_row[:, None] * (K // 32) + ks[None, :], mask=s_ok, other=0)
+        a = tl.load(a_ptrs, mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=(kp < k_hi // 2)[None, :], other=0)
+        ws = tl.load(s_ptrs, mask=(ks < k_hi // 32)[None, :], other=0)
     return a, w, ws
 
 
 @triton.jit
-def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo, k_hi, K,
+def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                A_FMT: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
                EVEN_K: tl.constexpr):
-    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN].
+    """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN]
+    (rows of A not a_row_ok read as 0); every W row must be in bounds (the
+    caller clamps the ones it does not keep and discards their sums).
 
     A plain loop, so that triton's pipeliner (num_stages) turns the loads into
     cp.async copies several steps ahead; it can only because every pointer
@@ -207,8 +211,8 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok, k_lo,
     else:
         acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, w_row_ok,
-                               k0, k_hi, K, BK, EVEN_K)
+        a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K, BK,
+                               EVEN_K)
         if A_FMT == 0:
             a = a.to(tl.bfloat16)
         else:
@@ -243,17 +247,18 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     # Accumulator column j holds gate (j even) or up (j odd) of n = n0 + j // 2.
     j = tl.arange(0, 2 * BN)
     n = pid_n * BN + j // 2
+    w_row_ok = n < I
+    n = tl.minimum(n, I - 1)  # columns past I read the last one (discarded)
     up = j % 2
     if INTERLEAVED:
         w_row = 2 * n + up
     else:
         w_row = n + up * I
-    w_row_ok = n < I
     k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
     acc = _gemm_loop(x_ptr, tok * H, row_ok,
                      w_ptr + e * (2 * I) * (H // 2), ws_ptr + e * (2 * I) * (H // 32),
-                     w_row, w_row_ok, k_lo, tl.minimum(k_lo + k_len, H), H,
+                     w_row, k_lo, tl.minimum(k_lo + k_len, H), H,
                      BM, 2 * BN, BK, A_FMT, SWAP, FOLD, EVEN_K)
     last = True
     if SPLIT_K > 1:
@@ -332,10 +337,11 @@ def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_
     col_ok = cols < H
     k_len = tl.cdiv(tl.cdiv(I, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
+    # Columns past H read row H - 1 of W2 (discarded).
     acc = _gemm_loop(inter_ptr, rows * I, row_ok,
                      w_ptr + e * H * (I // 2), ws_ptr + e * H * (I // 32),
-                     cols, col_ok, k_lo, tl.minimum(k_lo + k_len, I), I, BM, BN, BK, 0, SWAP,
-                     FOLD, EVEN_K)
+                     tl.minimum(cols, H - 1), k_lo, tl.minimum(k_lo + k_len, I), I, BM, BN, BK,
+                     0, SWAP, FOLD, EVEN_K)
     if HAS_BIAS:
         if pid_s == 0:
             acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
@@ -419,14 +425,15 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     both gemms route from topk_ids (_direct_rows; ids_ptr, tw_ptr flat).
 
     A 1-D grid of gemm1 programs (n1 * grid_m * SPLIT1) then gemm2 programs
-    (n2 * grid_m * SPLIT2), each (column tile, row block, K slice) with the
-    tile fastest. A program's role comes from a ticket taken at its start,
-    not from its block index, so every gemm1 role is held by a started
-    program before any gemm2 role is handed out: a gemm2 program waits for
-    gemm1's n1 tiles of its row block (a counter per block) without relying
-    on the order in which the hardware starts blocks, and without deadlock;
-    blocks finish roughly in ticket order, so gemm2 starts on the first
-    blocks while gemm1 works on the last. gemm2 adds into y (f32); the last
+    (n2 * grid_m * SPLIT2), each (column tile, K slice, row block) with the
+    tile fastest and the block slowest. A program's role comes from a ticket
+    taken at its start, not from its block index, so every gemm1 role is
+    held by a started program before any gemm2 role is handed out: a gemm2
+    program waits for gemm1's n1 tiles of its row block (a counter per
+    block) without relying on the order in which the hardware starts blocks,
+    and without deadlock. Blocks finish roughly in ticket order, all K
+    slices of a block together, so gemm2 starts on the first blocks while
+    gemm1 works on the last. gemm2 adds into y (f32); the last
     program to add into a column tile (a counter per tile) writes that tile
     of out in out's dtype.
 
@@ -443,9 +450,10 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     is_gemm1 = ticket < p1
     q = tl.where(is_gemm1, ticket, ticket - p1)
     nn = tl.where(is_gemm1, n1, n2)
+    ns = tl.where(is_gemm1, SPLIT1, SPLIT2)
     pid_n = q % nn
-    m = (q // nn) % grid_m
-    pid_s = q // (nn * grid_m)
+    pid_s = (q // nn) % ns
+    m = q // (nn * ns)
     rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(ids_ptr, tw_ptr, T, TOPK, E, m,
                                                               BM, NMAX)
     y_ptr = scratch_ptr + y_off
