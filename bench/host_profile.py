@@ -13,7 +13,6 @@ import glob
 import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +39,6 @@ def _forms(preset, quant, T, n):
                                               for i in range(n)]), (x,))
     forms["fusion"] = lambda: (jax.jit(lambda x: [x[:1, :32] * i for i in range(n)]), (x,))
     return forms
-
-
-def _median_call(f, args, reps=50):
-    for _ in range(3):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _report(path, calls, top=12):
@@ -100,7 +88,7 @@ def main(preset, quant, T, n, names):
     forms = _forms(preset, quant, T, n)
     for name in names:
         f, args = forms[name]()
-        t = _median_call(f, args)
+        t = statistics.median(bench._time(f, *args, reps=50, warmup=3))
         print(f"== {name}: {t * 1e6:.1f} us per jit call, {t * 1e6 / n:.1f} us per op", flush=True)
         piped = statistics.median(bench._time_pipelined(f, *args, reps=20))
         print(f"   pipelined (bench._time_pipelined): {piped * 1e6:.1f} us per jit call", flush=True)
