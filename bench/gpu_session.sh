@@ -28,8 +28,8 @@ for step in "$@"; do
       ;;
     bench)  # ours only, both presets
       timeout ${T_BENCH:-300} python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b,deepseek-v3 \
-        --tokens ${TOKENS:-1,8,64} --baselines none \
-        --json "$OUT/bench_quick.json" 2>&1 | grep -v Warn | tee "$OUT/bench_quick.log"
+        --tokens ${TOKENS:-1,8,64} --baselines none --layout ${LAYOUT:-auto} \
+        --json "$OUT/bench_quick_${LAYOUT:-auto}.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench_quick.log"
       ;;
     bench_full)  # each run bounded, so the finished ones always come back. Up to
       # T=512 a rep runs 8 layer calls per jit: Mosaic-GPU compiles 8 layers.

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import formats, jnp_impl, sorting
+from . import formats, jnp_impl, layouts, sorting
 from .weights import MoEWeights
 
 MXFP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32  # fp4 element + its share of a scale byte
@@ -207,9 +207,11 @@ def _mosaic(lhs, rhs, sizes):
                                       block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
-def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str):
+def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str,
+                layout: str = "canonical"):
     """name -> (jitted fn(params, x, topk_weights[R], topk_ids[R]) running R layer
-    calls, params). Weights are arguments, never closed-over constants."""
+    calls, params). Weights are arguments, never closed-over constants; ours
+    gets them in `layout` (re-laid out once, here), the baselines canonical."""
     from . import api
 
     def over_routings(layer):  # tws, idss: tuples of R arrays (no slicing in the jit)
@@ -218,7 +220,8 @@ def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str):
         return jax.jit(run)
 
     layers = {"ours": (over_routings(lambda w, x, tw, ids: api.moe(
-        x, w, tw, ids, activation=p.activation, quant=quant, backend=backend)), w)}
+        x, w, tw, ids, activation=p.activation, quant=quant, backend=backend)),
+        w.to_layout(layout))}
     dense = None
     if "bf16_ragged_dot" in baselines or "mosaic_gpu_ragged_dot" in baselines:
         try:
@@ -268,7 +271,10 @@ def _is_oom(e: Exception) -> bool:
 # ---------------------------------------------------------------------------
 
 def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, warmup: int = 3,
-        baselines=BASELINES, backend: str = "auto", ceilings=None, log=print) -> dict:
+        baselines=BASELINES, backend: str = "auto", layout: str = "auto", ceilings=None,
+        log=print) -> dict:
+    """Times ours and the baselines at each T. layout: the weight layout ours
+    reads; "auto" is the one its backend's kernels load best (LAYOUT_NAME)."""
     p = PRESETS[preset]
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
@@ -283,11 +289,14 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
     log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
         f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
     from . import api
-    impl = api._select(backend, quant, p.activation).__name__
-    header["ours"] = impl
+    mod = api._select(backend, quant, p.activation)
+    impl = mod.__name__
+    if layout == "auto":
+        layout = getattr(mod, "LAYOUT_NAME", layouts.CANONICAL)
+    header["ours"], header["layout"] = impl, layout
     log(f"# preset {preset}: E={p.num_experts} k={p.top_k} H={p.hidden} I={p.intermediate} "
-        f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; ours = {impl}; median of "
-        f"{reps} reps, each over up to {routings} routings")
+        f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; ours = {impl} "
+        f"({layout} weights); median of {reps} reps, each over up to {routings} routings")
     w = random_weights(p, jax.random.key(42))
     rows = []
     for T in tokens:
@@ -298,7 +307,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
         fl = flops(p, T)
         roof = max(nbytes / bw, fl / peak)
         row = dict(T=T, routings=R, bytes=nbytes, flops=fl, roofline_s=roof, results={})
-        layers = make_layers(p, w, quant, baselines, backend)
+        layers = make_layers(p, w, quant, baselines, backend, layout)
         ids_d = tuple(jnp.asarray(a) for a in ids)
         tw_d = tuple(jnp.asarray(a) for a in tw)
         for name, (fn, params) in layers.items():
@@ -437,6 +446,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset, or 'none'")
     ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, triton, flydsl)")
+    ap.add_argument("--layout", default="auto",
+                    help="weight layout ours reads (auto: its backend's; canonical, sm90, gfx950)")
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--plot", help="draw time and %% of roofline against T into this PNG")
     ap.add_argument("--mesh", help="EPxTP, e.g. 8x1 or 4x2: parallel.moe per strategy with the "
@@ -467,7 +478,7 @@ def main(argv=None) -> int:
     for name in presets:
         for quant in a.quant.split(","):
             res = run(name, tokens, quant, reps=a.reps, routings=a.routings, warmup=a.warmup,
-                      baselines=baselines, backend=a.backend, ceilings=ceilings)
+                      baselines=baselines, backend=a.backend, layout=a.layout, ceilings=ceilings)
             h = res["header"]
             ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
             results.append(res)

@@ -84,14 +84,13 @@ class MoEWeights:
         for name, v in (("hidden", H), ("intermediate", I)):
             if v % formats.MX_BLOCK:
                 raise ValueError(f"weights.{name}: must be a multiple of {formats.MX_BLOCK}, got {v}")
-        layouts.get(self.layout)  # unknown layouts fail here
-        if self.layout != layouts.CANONICAL:
+        layout = layouts.get(self.layout)  # unknown layouts fail here
+        if self.layout == layouts.CANONICAL:
+            expect = canonical_shapes(E, H, I)
+        elif hasattr(layout, "shapes"):  # a layout that states its arrays' shapes
+            expect = layout.shapes(num_experts=E, hidden=H, intermediate=I)
+        else:
             return
-        expect = {
-            "w1": ((E, 2 * I, H // 2), "uint8"), "w1_scale": ((E, 2 * I, H // 32), "uint8"),
-            "w2": ((E, H, I // 2), "uint8"), "w2_scale": ((E, H, I // 32), "uint8"),
-            "b1": ((E, 2 * I), None), "b2": ((E, H), None),
-        }
         for name, (shape, dtype) in expect.items():
             a = getattr(self, name)
             if a is None:
@@ -104,6 +103,15 @@ class MoEWeights:
                 raise TypeError(f"weights.{name}: expected dtype {dtype}, got {a.dtype}")
             if dtype is None and not jnp.issubdtype(a.dtype, jnp.floating):
                 raise TypeError(f"weights.{name}: expected a float dtype, got {a.dtype}")
+
+
+def canonical_shapes(E: int, H: int, I: int) -> dict:
+    """name -> (shape, dtype) of the canonical arrays (dtype None: any float)."""
+    return {
+        "w1": ((E, 2 * I, H // 2), "uint8"), "w1_scale": ((E, 2 * I, H // 32), "uint8"),
+        "w2": ((E, H, I // 2), "uint8"), "w2_scale": ((E, H, I // 32), "uint8"),
+        "b1": ((E, 2 * I), None), "b2": ((E, H), None),
+    }
 
 
 # jax.export artifacts carry the pytree of their arguments: name the static

@@ -146,7 +146,7 @@ def _weights(c):
     import moe_cases
 
     w = moe_cases.make_weights(getattr(moe_cases, c["shape"]), gate_up=c["gate_up"],
-                               bias=c["bias"])
+                               bias=c["bias"], layout=c.get("layout", "canonical"))
     return dataclasses.replace(w, scale_max=None) if c.get("scale_max") == "unknown" else w
 
 

@@ -48,7 +48,7 @@ def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interl
     k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
                BM=bm, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
                INTERLEAVED=interleaved, HAS_BIAS=bias, SWAP=g1.swap, SPLIT_K=split,
-               FOLD=fmt == 1, EVEN_K=fmt != 2, DIRECT=False, NMAX=1)
+               FOLD=fmt == 1, EVEN_K=fmt != 2, DIRECT=False, NMAX=1, PAD_SCALES=fmt != 0)
     ops = sass_ops(k)
     # split-K partial sums are f32 reductions (RED/ATOM), not CAS loops
     red = sum(c for op, c in ops.items() if op.startswith(("RED", "ATOM")))
@@ -71,7 +71,7 @@ def test_gemm2_variants(regime, deterministic):
                BN=g2.block_n,
                BK=g2.block_k, SPLIT_K=1 if deterministic else 2, HAS_BIAS=not deterministic,
                DETERMINISTIC=deterministic, SWAP=g2.swap, FOLD=deterministic,
-               EVEN_K=not deterministic, DIRECT=False, NMAX=1)
+               EVEN_K=not deterministic, DIRECT=False, NMAX=1, PAD_SCALES=True)
     ops = sass_ops(k)
     assert ops["HGMMA" if g2.num_warps >= 4 else "HMMA"] > 0, ops
     assert ops["LDL"] == 0 and ops["STL"] == 0
@@ -92,13 +92,14 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     2**126 folded into the scales (fewer bf16x2 multiplies)."""
     _, bm, g1, g2 = _REGIMES[0]
 
-    def build(fold, even_k):
+    def build(fold, even_k, pad=True):
         return kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps,
                       num_stages=g1.num_stages, BM=bm, BN1=g1.block_n, BK1=g1.block_k,
                       SPLIT1=split, BN2=g2.block_n, BK2=g2.block_k, SPLIT2=split, A_FMT=0,
                       OUT_FMT=0, ACT=1, INTERLEAVED=True, HAS_BIAS1=True, HAS_BIAS2=True,
                       SWAP=g1.swap, FOLD=fold, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=nmax,
-                      CAST_T=16, out_dtype="fp32", maxnreg=cuda_kernels.DECODE_MAXNREG)
+                      CAST_T=16, out_dtype="fp32", maxnreg=cuda_kernels.DECODE_MAXNREG,
+                      PAD_SCALES=pad)
     k = build(fold, even_k)
     ops = sass_ops(k)
     # capped at the registers that fit 12 warps per SM, still without spills
@@ -109,6 +110,11 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     other = sass_ops(build(not fold, even_k))
     with_fold, without = (ops, other) if fold else (other, ops)
     assert with_fold["HMUL2"] < without["HMUL2"], (with_fold["HMUL2"], without["HMUL2"])
+    # Canonical scale rows (K/32 bytes: any alignment) are loaded byte by byte
+    # where they are used; the sm90 layout's padded rows are copied ahead
+    # (cp.async) with the weights, whether or not K is a multiple of the K step.
+    canon = sass_ops(build(fold, even_k, pad=False))
+    assert canon["LDG"] > ops["LDG"] and canon["LDGSTS"] < ops["LDGSTS"], (canon, ops)
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -88,7 +88,8 @@ def test_sort_kernel_all_to_one_expert_and_mask(T):
 
 
 # ---------------------------------------------------------------------------
-# The whole layer, small shapes: every mode x layout x activation x bias
+# The whole layer, small shapes: every mode x gate/up layout x activation x
+# bias, with weights in the canonical and the sm90 layout
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
@@ -102,8 +103,12 @@ def test_moe_small_matches_reference(quant, activation, gate_up, bias, T):
     x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
     ref = reference.moe(x, w, tw, ids, activation=activation, quant=quant)
     for deterministic in (False, True):
-        y = run(x, w, tw, ids, activation=activation, quant=quant, deterministic=deterministic)
-        accuracy.assert_close(y, ref)
+        ys = [run(x, wl, tw, ids, activation=activation, quant=quant, deterministic=deterministic)
+              for wl in (w, w.to_layout("sm90"))]
+        for y in ys:
+            accuracy.assert_close(y, ref)
+        if deterministic:  # the layouts differ only in where the kernels find the scales
+            np.testing.assert_array_equal(ys[0], ys[1])
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
@@ -115,7 +120,7 @@ def test_every_config_regime_and_split_k(monkeypatch, regime, split):
     import dataclasses
     _, bm, g1, g2 = cuda_kernels._REGIMES[regime]
     shape = moe_cases.GPT_OSS_LIKE
-    w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True)
+    w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True, layout="sm90")
     for fuse in (False, True):
         cfg = cuda_kernels.MoEConfig(
             bm, dataclasses.replace(g1, split_k=split, fuse_x_quant=fuse),
@@ -123,7 +128,7 @@ def test_every_config_regime_and_split_k(monkeypatch, regime, split):
         monkeypatch.setattr(cuda, "choose_config", lambda *a, cfg=cfg, **k: cfg)
         for quant, T in (("a16w4", 7), ("a8w4", 64), ("a4w4", 1)):
             x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
-            ref = reference.moe(x, w, tw, ids, activation="swiglu_oai", quant=quant)
+            ref = reference.moe(x, w.canonical(), tw, ids, activation="swiglu_oai", quant=quant)
             y = run(x, w, tw, ids, activation="swiglu_oai", quant=quant)
             accuracy.assert_close(y, ref)
 
@@ -146,10 +151,12 @@ def test_scale_fold_gives_the_same_bits_and_large_scales_stay_exact(shape, T):
     big = from_mxfp4(w.w1, w.w1_scale + 4, w.w2, w.w2_scale + 6, w.b1, w.b2,
                      gate_up=w.gate_up)
     assert big.scale_max > cuda_kernels.FOLD_MAX_SCALE_BYTE
-    for deterministic in (False, True):
-        y = run(x, big, tw, ids, activation="swiglu_oai", quant="a16w4",
-                deterministic=deterministic)
-        accuracy.assert_close(y, reference.moe(x, big, tw, ids, activation="swiglu_oai"))
+    ref = reference.moe(x, big, tw, ids, activation="swiglu_oai")
+    for wl in (big, big.to_layout("sm90")):
+        for deterministic in (False, True):
+            y = run(x, wl, tw, ids, activation="swiglu_oai", quant="a16w4",
+                    deterministic=deterministic)
+            accuracy.assert_close(y, ref)
 
 
 def test_deterministic_variant_is_bitwise_repeatable():
@@ -246,7 +253,8 @@ _PRESET_WEIGHTS = {}
 def _preset_weights(name):
     if name not in _PRESET_WEIGHTS:
         _PRESET_WEIGHTS.clear()  # one preset's weights on the GPU at a time
-        _PRESET_WEIGHTS[name] = random_weights(PRESETS[name], jax.random.key(7))
+        # the layout the bench (and a user on Hopper) hands to the kernels
+        _PRESET_WEIGHTS[name] = random_weights(PRESETS[name], jax.random.key(7)).to_layout("sm90")
     return _PRESET_WEIGHTS[name]
 
 
@@ -265,7 +273,7 @@ def test_presets_match_reference_on_sampled_tokens(preset, quant, T):
     assert np.isfinite(y).all()
     # The reference dequantises each touched expert in float64: check a few tokens.
     rows = rng.choice(T, size=min(T, 1 if p.hidden * p.intermediate > 1e7 else 2), replace=False)
-    ref = reference.moe(np.asarray(x)[rows], w, np.asarray(tw)[rows], np.asarray(ids)[rows],
+    ref = reference.moe(np.asarray(x)[rows], w.canonical(), np.asarray(tw)[rows], np.asarray(ids)[rows],
                         activation=p.activation, quant=quant)
     accuracy.assert_close(y[rows], ref)
 

@@ -29,7 +29,7 @@ import moe_cases  # noqa: E402
 
 _BASE = dict(kind="moe", shape="GPT_OSS_LIKE", gate_up="interleaved", bias=True, seed=3,
              dtype="bfloat16", activation="swiglu_oai", quant="a16w4", deterministic=False,
-             ids=None, scale_max=None)
+             ids=None, scale_max=None, layout="canonical")
 CASES = {
     "decode T=1, split 2": dict(T=1, regime=0, split=2),
     "decode T=7 a4w4 silu separated, split 3": dict(T=7, regime=0, split=3, quant="a4w4",
@@ -38,19 +38,20 @@ CASES = {
     "decode T=7 deterministic": dict(T=7, regime=0, split=1, deterministic=True),
     "decode T=3, scale bytes unknown (2**126 not folded)": dict(T=3, regime=0, split=2,
                                                                 scale_max="unknown"),
-    "decode K not a multiple of the K step, split 2": dict(T=6, regime=0, split=2,
-                                                           shape="ODD_K"),
+    "decode K not a multiple of the K step, split 2, sm90 layout": dict(
+        T=6, regime=0, split=2, shape="ODD_K", layout="sm90"),
     "decode ids out of range and repeated": dict(T=5, regime=0, split=2,
                                                  ids=[[1, 1, 9, -2], [3, 1, 3, 7], [0, 0, 0, 0],
                                                       [7, 6, 5, 4], [8, 8, 8, 8]]),
     "decode no valid id": dict(T=3, regime=0, split=2, ids=[[8] * 4] * 3),
     "decode f16 in and out": dict(T=3, regime=0, split=1, dtype="float16", quant="a4w4"),
-    "sorted T=20 BM 32, split 2": dict(T=20, regime=1, split=2, quant="a4w4"),
+    "sorted T=20 BM 32, split 2, sm90 layout": dict(T=20, regime=1, split=2, quant="a4w4",
+                                                    layout="sm90"),
     "sorted T=20 BM 64": dict(T=20, regime=2, split=1, activation="silu"),
     "sorted T=20, K not a multiple of the K step, scale bytes unknown": dict(
         T=20, regime=0, split=2, shape="ODD_K", scale_max="unknown"),
-    "prefill tiles T=9": dict(T=9, regime=len(cuda_kernels._REGIMES) - 1, split=1,
-                              quant="a4w4"),
+    "prefill tiles T=9, sm90 layout": dict(T=9, regime=len(cuda_kernels._REGIMES) - 1,
+                                           split=1, quant="a4w4", layout="sm90", shape="ODD_K"),
 }
 
 

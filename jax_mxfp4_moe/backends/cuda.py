@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from .. import sorting
 from . import cuda_kernels
+from .cuda_layout import NAME as LAYOUT_NAME  # registers the sm90 layout
 from .cuda_kernels import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_CHUNK, SORT_ONE_MAX,
                            TRITON_DTYPE, choose_config, kernel, launch)
 
@@ -155,7 +156,10 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     if not supports(quant, activation):
         raise ValueError(f"quant/activation: no Triton kernels for {quant!r}/{activation!r}")
     ffi = _ffi()
-    w = weights.canonical()
+    # The kernels read the canonical layout and the sm90 one (padded scale
+    # rows, loaded ahead: faster); any other is converted to canonical.
+    w = weights if weights.layout == LAYOUT_NAME else weights.canonical()
+    pad = w.layout == LAYOUT_NAME
     out_dtype = x.dtype
     T, H = x.shape
     K = topk_ids.shape[1]
@@ -180,8 +184,8 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         tw = topk_weights.astype(jnp.float32).reshape(-1)
         nmax = _pow2_at_least(max(n, 16))  # the routed entries, padded
         if not deterministic:
-            return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype,
-                           float(swiglu_alpha), float(swiglu_limit))
+            return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, pad,
+                           out_dtype, float(swiglu_alpha), float(swiglu_limit))
         route1 = [ids, ids, ids]  # sid, sexp, nv: topk_ids (the last two unused)
         route2 = [ids, tw, ids, ids]  # sid, sw, sexp, nv
         P = grid_m * BM
@@ -202,12 +206,12 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
                 INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None,
                 SWAP=g1.swap, SPLIT_K=g1.split_k, FOLD=fold, EVEN_K=H % g1.block_k == 0,
-                DIRECT=direct, NMAX=nmax)
+                DIRECT=direct, NMAX=nmax, PAD_SCALES=pad)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
     part = dummy
-    if g1.split_k > 1:  # zeroed: partial sums of the launched rows, then a counter per tile
+    if g1.split_k > 1:  # zeroed: partial sums per routed entry, then a counter per tile
         part = ffi.Out(1)
-        outs1.append(jax.ShapeDtypeStruct((grid_m * BM * 2 * I + grid1[0] * grid_m,), jnp.float32))
+        outs1.append(jax.ShapeDtypeStruct((n * 2 * I + grid1[0] * grid_m,), jnp.float32))
     inter = launch(
         k1, grid1,
         [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, *route1, ffi.Out(0), part,
@@ -217,7 +221,8 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages,
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
                 HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
-                FOLD=fold, EVEN_K=I % g2.block_k == 0, DIRECT=direct, NMAX=nmax)
+                FOLD=fold, EVEN_K=I % g2.block_k == 0, DIRECT=direct, NMAX=nmax,
+                PAD_SCALES=pad)
     y_shape = (T, K, H) if deterministic else (T, H)
     (acc,) = launch(k2, grid2,
                     [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2,
@@ -229,7 +234,8 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     return acc.astype(out_dtype)
 
 
-def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype, alpha, limit):
+def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, pad, out_dtype, alpha,
+            limit):
     """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
     programs, then gemm2's, which wait for gemm1's tiles; one zeroed scratch
     holds gemm1's split-K sums and counters, y (f32), gemm2's counters, the
@@ -240,7 +246,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype, 
     E, I, K = w.num_experts, w.intermediate, ids.shape[0] // T
     BM, g1, g2 = cfg.block_m, cfg.gemm1, cfg.gemm2
     n1, n2 = -(-I // g1.block_n), -(-H // g2.block_n)
-    cnt1_off = _pad16(grid_m * BM * 2 * I if g1.split_k > 1 else 0)
+    cnt1_off = _pad16(T * K * 2 * I if g1.split_k > 1 else 0)
     y_off = _pad16(cnt1_off + n1 * grid_m)
     cnt2_off = _pad16(y_off + T * H)
     sync_off = _pad16(cnt2_off + n2)
@@ -254,7 +260,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, out_dtype, 
                   INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS1=w.b1 is not None,
                   HAS_BIAS2=w.b2 is not None, SWAP=g1.swap, FOLD=fold,
                   EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
-                  CAST_T=_pow2_at_least(max(T, 16)))
+                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=pad)
     b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
     b2 = tw if w.b2 is None else w.b2
     *_, out = launch(

@@ -170,19 +170,32 @@ def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
 
 
 @triton.jit
+def scale_stride(K, PAD_SCALES: tl.constexpr):
+    """Bytes per scale row of a K-long weight row: K/32, or with PAD_SCALES
+    (the sm90 layout, backends/cuda_layout.py) K/32 rounded up to 16, so
+    that every row starts 16-byte aligned and a K step's scales are one
+    vector copy that the pipeliner can issue ahead (cp.async)."""
+    if PAD_SCALES:
+        return tl.cdiv(K, 512) * 16
+    else:
+        return K // 32
+
+
+@triton.jit
 def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K,
-                BK: tl.constexpr, EVEN_K: tl.constexpr):
+                BK: tl.constexpr, EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr):
     """A [BM, BK], packed W [BN, BK/2] and scales [BN, BK/32] of one K step.
     A's rows that are not kept are masked off (at decode most of the block:
     their copies are not issued); every W row is in bounds (the callers
     clamp the ones they do not keep), so W is masked only past k_hi, and not
-    at all when K is a multiple of BK (EVEN_K)."""
+    at all when K is a multiple of BK (EVEN_K). Padded scale rows are read
+    unmasked: past k_hi they hold padding, which meets W's zeros."""
     kk = k0 + tl.arange(0, BK)
     kp = k0 // 2 + tl.arange(0, BK // 2)
     ks = k0 // 32 + tl.arange(0, BK // 32)
     a_ptrs = a_ptr + a_row_off[:, None] + kk[None, :]
     w_ptrs = w_ptr + w_row[:, None] * (K // 2) + kp[None, :]
-    s_ptrs = ws_ptr + w_row[:, None] * (K // 32) + ks[None, :]
+    s_ptrs = ws_ptr + w_row[:, None] * scale_stride(K, PAD_SCALES) + ks[None, :]
     if EVEN_K:
         a = tl.load(a_ptrs, mask=a_row_ok[:, None], other=0.0)
         w = tl.load(w_ptrs)
@@ -190,7 +203,10 @@ def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K,
     else:
         a = tl.load(a_ptrs, mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=(kp < k_hi // 2)[None, :], other=0)
-        ws = tl.load(s_ptrs, mask=(ks < k_hi // 32)[None, :], other=0)
+        if PAD_SCALES:
+            ws = tl.load(s_ptrs)
+        else:
+            ws = tl.load(s_ptrs, mask=(ks < k_hi // 32)[None, :], other=0)
     return a, w, ws
 
 
@@ -198,7 +214,7 @@ def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K,
 def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                A_FMT: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
-               EVEN_K: tl.constexpr):
+               EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr):
     """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN]
     (rows of A not a_row_ok read as 0); every W row must be in bounds (the
     caller clamps the ones it does not keep and discards their sums).
@@ -212,7 +228,7 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
         acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K, BK,
-                               EVEN_K)
+                               EVEN_K, PAD_SCALES)
         if A_FMT == 0:
             a = a.to(tl.bfloat16)
         else:
@@ -233,17 +249,20 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
 
 @triton.jit
 def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
-                rows, tok, row_ok, expert, pid_n, pid_s, H, I, swiglu_alpha, swiglu_limit,
+                rows, entry, tok, row_ok, expert, pid_n, pid_s, H, I, swiglu_alpha, swiglu_limit,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
-                SPLIT_K: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr):
+                SPLIT_K: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
+                PAD_SCALES: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for the BN
     columns n of tile pid_n, H-slice pid_s. SPLIT_K > 1: the slice is added
-    into part [rows, 2I] f32 and the last of the tile's SPLIT_K programs to
+    into part [T*k, 2I] f32 at each row's entry (token * k + slot: the routed
+    entries, fewer than the block rows at decode) and the last of the tile's SPLIT_K programs to
     arrive (count_ptr, the tile's int32 counter) applies the epilogue; part
     and the counters start at 0. Returns whether this program stored the tile."""
     e = expert.to(tl.int64)
+    entry = tl.where(row_ok, entry, 0)  # padding rows' sentinel tokens index nothing
     # Accumulator column j holds gate (j even) or up (j odd) of n = n0 + j // 2.
     j = tl.arange(0, 2 * BN)
     n = pid_n * BN + j // 2
@@ -257,12 +276,13 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
     acc = _gemm_loop(x_ptr, tok * H, row_ok,
-                     w_ptr + e * (2 * I) * (H // 2), ws_ptr + e * (2 * I) * (H // 32),
+                     w_ptr + e * (2 * I) * (H // 2),
+                     ws_ptr + e * (2 * I) * scale_stride(H, PAD_SCALES),
                      w_row, k_lo, tl.minimum(k_lo + k_len, H), H,
-                     BM, 2 * BN, BK, A_FMT, SWAP, FOLD, EVEN_K)
+                     BM, 2 * BN, BK, A_FMT, SWAP, FOLD, EVEN_K, PAD_SCALES)
     last = True
     if SPLIT_K > 1:
-        part = part_ptr + rows[:, None] * (2 * I) + (pid_n * 2 * BN + j)[None, :]
+        part = part_ptr + entry[:, None] * (2 * I) + (pid_n * 2 * BN + j)[None, :]
         ok = row_ok[:, None] & w_row_ok[None, :]
         tl.atomic_add(part, acc, mask=ok, sem="relaxed")
         # Every thread's partial sums are in before the tile's counter moves
@@ -298,11 +318,12 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
               A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
               SWAP: tl.constexpr, SPLIT_K: tl.constexpr, FOLD: tl.constexpr,
-              EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr):
+              EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr,
+              PAD_SCALES: tl.constexpr):
     """gemm1 of the sorted rows (_gemm1_tile), program (n, m, s) = column tile,
     row block, H-slice; ACT 0 = silu, 1 = swiglu_oai; out is [P, I] bf16.
-    SPLIT_K > 1: part holds [launched rows, 2I] f32 partial sums, then one
-    int32 counter per tile (all zeroed by the caller)."""
+    SPLIT_K > 1: part holds [T*TOPK, 2I] f32 partial sums, then one int32
+    counter per tile (all zeroed by the caller)."""
     m = tl.program_id(1)
     if DIRECT:
         rows, tok, slot, row_ok, expert, _, live = _direct_rows(sid_ptr, sid_ptr, T, TOPK, E, m,
@@ -314,11 +335,11 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
             return
         rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, T, m, BM)
     tile = m * tl.num_programs(0) + tl.program_id(0)
-    count_ptr = (part_ptr + tl.num_programs(1) * BM * 2 * I).to(tl.pointer_type(tl.int32)) + tile
-    _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows, tok, row_ok,
-                expert, tl.program_id(0), tl.program_id(2), H, I, swiglu_alpha, swiglu_limit,
-                BM, BN, BK, A_FMT, OUT_FMT, ACT, INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD,
-                EVEN_K)
+    count_ptr = (part_ptr + T * TOPK * 2 * I).to(tl.pointer_type(tl.int32)) + tile
+    _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows,
+                tok * TOPK + slot, tok, row_ok, expert, tl.program_id(0), tl.program_id(2), H, I,
+                swiglu_alpha, swiglu_limit, BM, BN, BK, A_FMT, OUT_FMT, ACT, INTERLEAVED,
+                HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES)
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +350,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
 def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_n, pid_s, H, I,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
-                FOLD: tl.constexpr, EVEN_K: tl.constexpr):
+                FOLD: tl.constexpr, EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr):
     """wgt(r) * (inter[r] @ W2[e, n]^T [+ b2[e, n] in slice 0]) over I-slice
     pid_s, for the BN columns n of tile pid_n -> (acc [BM, BN], cols, col_ok)."""
     e = expert.to(tl.int64)
@@ -339,9 +360,9 @@ def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_
     k_lo = pid_s * k_len
     # Columns past H read row H - 1 of W2 (discarded).
     acc = _gemm_loop(inter_ptr, rows * I, row_ok,
-                     w_ptr + e * H * (I // 2), ws_ptr + e * H * (I // 32),
+                     w_ptr + e * H * (I // 2), ws_ptr + e * H * scale_stride(I, PAD_SCALES),
                      tl.minimum(cols, H - 1), k_lo, tl.minimum(k_lo + k_len, I), I, BM, BN, BK,
-                     0, SWAP, FOLD, EVEN_K)
+                     0, SWAP, FOLD, EVEN_K, PAD_SCALES)
     if HAS_BIAS:
         if pid_s == 0:
             acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
@@ -354,7 +375,8 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
               DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
-              EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr):
+              EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr,
+              PAD_SCALES: tl.constexpr):
     """gemm2 of the sorted rows (_gemm2_tile), program (n, m, s), added into y
     [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1) stored into
     y [T, TOPK, H] f32 at (token, slot)."""
@@ -371,7 +393,7 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
         wgt = tl.load(sw_ptr + rows)
     acc, cols, col_ok = _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt,
                                     tl.program_id(0), tl.program_id(2), H, I, BM, BN, BK,
-                                    SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K)
+                                    SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K, PAD_SCALES)
     ok = row_ok[:, None] & col_ok[None, :]
     if DETERMINISTIC:
         tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
@@ -420,7 +442,8 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
                INTERLEAVED: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
                SWAP: tl.constexpr, FOLD: tl.constexpr, EVEN_K1: tl.constexpr,
-               EVEN_K2: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr):
+               EVEN_K2: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr,
+               PAD_SCALES: tl.constexpr):
     """The layer at decode size in one launch (one custom call, one kernel):
     both gemms route from topk_ids (_direct_rows; ids_ptr, tw_ptr flat).
 
@@ -438,7 +461,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     of out in out's dtype.
 
     scratch (f32 / int32, zeroed by the caller): gemm1's split-K partial sums
-    [grid_m * BM, 2I] at 0, its tile counters at cnt1_off, y [T, H] at y_off,
+    [T * TOPK, 2I] at 0, its tile counters at cnt1_off, y [T, H] at y_off,
     gemm2's column-tile counters at cnt2_off, then the ticket and the
     tiles-done counter of each row block at sync_off.
     inter [grid_m * BM, I] bf16 is gemm1's output."""
@@ -461,9 +484,10 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
         if m < live:
             count1 = (scratch_ptr + cnt1_off).to(tl.pointer_type(tl.int32)) + m * n1 + pid_n
             stored = _gemm1_tile(x_ptr, w1_ptr, w1s_ptr, b1_ptr, inter_ptr, scratch_ptr, count1,
-                                 rows, tok, row_ok, expert, pid_n, pid_s, H, I, swiglu_alpha,
-                                 swiglu_limit, BM, BN1, BK1, A_FMT, OUT_FMT, ACT, INTERLEAVED,
-                                 HAS_BIAS1, SWAP, SPLIT1, FOLD, EVEN_K1)
+                                 rows, tok * TOPK + slot, tok, row_ok, expert, pid_n, pid_s, H,
+                                 I, swiglu_alpha, swiglu_limit, BM, BN1, BK1, A_FMT, OUT_FMT,
+                                 ACT, INTERLEAVED, HAS_BIAS1, SWAP, SPLIT1, FOLD, EVEN_K1,
+                                 PAD_SCALES)
             if stored:
                 # The tile's stores are in before it is counted (release).
                 tl.debug_barrier()
@@ -473,7 +497,8 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
             _wait_at_least(sync + 1 + m, n1)
             acc, cols, col_ok = _gemm2_tile(inter_ptr, w2_ptr, w2s_ptr, b2_ptr, rows, row_ok,
                                             expert, wgt, pid_n, pid_s, H, I, BM, BN2, BK2,
-                                            SPLIT2, HAS_BIAS2, SWAP, FOLD, EVEN_K2)
+                                            SPLIT2, HAS_BIAS2, SWAP, FOLD, EVEN_K2,
+                                            PAD_SCALES)
             tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc,
                           mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
             # As in gemm1's split-K: all of this program's adds are in before
