@@ -157,9 +157,9 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         raise ValueError(f"quant/activation: no Triton kernels for {quant!r}/{activation!r}")
     ffi = _ffi()
     # The kernels read the canonical layout and the sm90 one (padded scale
-    # rows, loaded ahead: faster); any other is converted to canonical.
+    # rows, copied ahead with the weights: faster); any other is converted.
     w = weights if weights.layout == LAYOUT_NAME else weights.canonical()
-    pad = w.layout == LAYOUT_NAME
+    sm90 = w.layout == LAYOUT_NAME
     out_dtype = x.dtype
     T, H = x.shape
     K = topk_ids.shape[1]
@@ -184,7 +184,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         tw = topk_weights.astype(jnp.float32).reshape(-1)
         nmax = _pow2_at_least(max(n, 16))  # the routed entries, padded
         if not deterministic:
-            return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, pad,
+            return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90,
                            out_dtype, float(swiglu_alpha), float(swiglu_limit))
         route1 = [ids, ids, ids]  # sid, sexp, nv: topk_ids (the last two unused)
         route2 = [ids, tw, ids, ids]  # sid, sw, sexp, nv
@@ -206,7 +206,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
                 INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None,
                 SWAP=g1.swap, SPLIT_K=g1.split_k, FOLD=fold, EVEN_K=H % g1.block_k == 0,
-                DIRECT=direct, NMAX=nmax, PAD_SCALES=pad)
+                DIRECT=direct, NMAX=nmax, PAD_SCALES=sm90)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
     part = dummy
     if g1.split_k > 1:  # zeroed: partial sums per routed entry, then a counter per tile
@@ -222,7 +222,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
                 HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
                 FOLD=fold, EVEN_K=I % g2.block_k == 0, DIRECT=direct, NMAX=nmax,
-                PAD_SCALES=pad)
+                PAD_SCALES=sm90)
     y_shape = (T, K, H) if deterministic else (T, H)
     (acc,) = launch(k2, grid2,
                     [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2,
@@ -234,7 +234,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     return acc.astype(out_dtype)
 
 
-def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, pad, out_dtype, alpha,
+def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_dtype, alpha,
             limit):
     """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
     programs, then gemm2's, which wait for gemm1's tiles; one zeroed scratch
@@ -260,7 +260,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, pad, out_dt
                   INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS1=w.b1 is not None,
                   HAS_BIAS2=w.b2 is not None, SWAP=g1.swap, FOLD=fold,
                   EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
-                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=pad)
+                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=sm90)
     b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
     b2 = tw if w.b2 is None else w.b2
     *_, out = launch(
