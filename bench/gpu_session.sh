@@ -2,7 +2,7 @@
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
 # device tool returns at most 8 files: run few steps per call).
 # usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full bench_mx
-#   bench_oss bench_ds sweep breakdown host_profile sanitize ncu cache_out)
+#   bench_oss bench_ds sweep trace breakdown host_profile sanitize ncu cache_out)
 # A code cache brought back by cache_out (.jmcache.tgz, carried) is unpacked first.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -60,6 +60,12 @@ for step in "$@"; do
     bench_ds)
       timeout ${T_BENCH:-130} python3 -m jax_mxfp4_moe.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | grep "T=\|#" | tee "$OUT/bench_ds.log"
+      ;;
+    trace)  # TRACES="PRESET:T[:QUANT] ..." (bench/trace_decode.py): moe_decode's timeline
+      for c in ${TRACES:-gpt-oss-120b:1}; do
+        timeout ${T_TRACE:-90} python3 bench/trace_decode.py ${c//:/ } 2>&1 | grep -v Warn \
+          | tee -a "$OUT/trace.log" | grep -v "^ "
+      done
       ;;
     breakdown)  # BREAKDOWN="PRESET QUANT T,... [N]" (bench/breakdown.py)
       timeout ${T_BREAKDOWN:-120} python3 bench/breakdown.py ${BREAKDOWN:-gpt-oss-120b a16w4 1,8,64} 2>&1 \

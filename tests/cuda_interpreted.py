@@ -208,7 +208,7 @@ def _run_rows(c):
     out = torch.zeros(programs * (4 * BM + 2), dtype=torch.int32)
     w = torch.zeros(programs * BM, dtype=torch.float32)
     _rows_probe[(1, programs, 1)](torch.from_numpy(ids), torch.from_numpy(tw), out, w, T, K,
-                                  c["E"], BM=BM, NMAX=max(16, 1 << (T * K - 1).bit_length()))
+                                  c["E"], BM=BM, NMAX=cuda.direct_entries(T * K))
     return dict(out=out.reshape(programs, 4 * BM + 2).numpy(), w=w.reshape(programs, BM).numpy())
 
 

@@ -147,6 +147,13 @@ def max_blocks(n: int, E: int, BM: int) -> int:
     return u + (n - u) // BM
 
 
+def direct_entries(n: int) -> int:
+    """NMAX of the DIRECT kernels for n routed entries: n padded to a power of
+    two. Every program routes itself with NMAX x NMAX compares (~3 us at 16,
+    ~1 us at 4: bench/trace_decode.py), so no more than n."""
+    return _pow2_at_least(max(n, 2))
+
+
 def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
@@ -182,7 +189,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     if direct:  # the kernels route from topk_ids themselves (moe_gemm.py DIRECT)
         ids = topk_ids.astype(jnp.int32).reshape(-1)
         tw = topk_weights.astype(jnp.float32).reshape(-1)
-        nmax = _pow2_at_least(max(n, 16))  # the routed entries, padded
+        nmax = direct_entries(n)
         if not deterministic:
             return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90,
                            out_dtype, float(swiglu_alpha), float(swiglu_limit))
@@ -235,12 +242,15 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
 
 
 def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_dtype, alpha,
-            limit):
+            limit, trace=False):
     """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
     programs, then gemm2's, which wait for gemm1's tiles; one zeroed scratch
     holds gemm1's split-K sums and counters, y (f32), gemm2's counters, the
     launch's ticket and gemm1's tiles done per row block. Both gemms run
-    with gemm1's warps, stages and operand order (the table keeps them equal)."""
+    with gemm1's warps, stages and operand order (the table keeps them equal).
+    trace: also return each program's times (moe_decode TRACE): uint32
+    [programs, 16], int64 [programs, 8] viewed on the host: start, routed,
+    ready, end (ns), SM."""
     ffi = _ffi()
     T, H = x.shape
     E, I, K = w.num_experts, w.intermediate, ids.shape[0] // T
@@ -260,15 +270,19 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
                   INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS1=w.b1 is not None,
                   HAS_BIAS2=w.b2 is not None, SWAP=g1.swap, FOLD=fold,
                   EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
-                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=sm90)
+                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=sm90, TRACE=trace)
     b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
     b2 = tw if w.b2 is None else w.b2
-    *_, out = launch(
+    trace_off = _pad16(sync_off + 1 + grid_m)  # moe_gemm._trace's offset
+    scratch = trace_off + 16 * grid[0] if trace else sync_off + 1 + grid_m
+    _, s, out = launch(
         kern, grid,
         [x, w.w1, w.w1_scale, b1, w.w2, w.w2_scale, b2, ids, tw, ffi.Out(0), ffi.Out(1),
          ffi.Out(2), T, H, I, E, K, grid_m, cnt1_off, y_off, cnt2_off, sync_off, alpha, limit],
         [jax.ShapeDtypeStruct((grid_m * BM, I), jnp.bfloat16),
-         jax.ShapeDtypeStruct((sync_off + 1 + grid_m,), jnp.float32),
+         jax.ShapeDtypeStruct((scratch,), jnp.float32),
          jax.ShapeDtypeStruct((T, H), out_dtype)],
         zero_outputs=(1,), name="moe_decode")
+    if trace:  # int64 fields as uint32 pairs (x64 may be off): view them on the host
+        return out, jax.lax.bitcast_convert_type(s[trace_off:], jnp.uint32).reshape(grid[0], 16)
     return out

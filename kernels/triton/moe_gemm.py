@@ -424,6 +424,25 @@ def _backoff(x):
 
 
 @triton.jit
+def _clock(x):
+    """(%globaltimer in ns, %smid) after x (x orders the read)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;\nmov.u32 $1, %smid;", "=l,=r,r",
+                                     [x], dtype=(tl.int64, tl.int32), is_pure=False, pack=1)
+
+
+@triton.jit
+def _trace(scratch_ptr, sync_off, grid_m, ticket, field, x):
+    """TRACE: the time of this point (field 0 start, 1 routed, 2 ready, 3
+    end; 4 is the SM) into int64 [programs, 8] after the scratch's counters."""
+    base = (sync_off + 1 + grid_m + 15) // 16 * 16
+    ptr = (scratch_ptr + base).to(tl.pointer_type(tl.int64)) + ticket * 8
+    t, sm = _clock(x)
+    tl.store(ptr + field, t)
+    if field == 0:
+        tl.store(ptr + 4, sm.to(tl.int64))
+
+
+@triton.jit
 def _wait_at_least(ptr, target):
     """Spin until the int32 at ptr reaches target, then acquire (pairs with
     the releases that counted up to it)."""
@@ -443,7 +462,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                INTERLEAVED: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
                SWAP: tl.constexpr, FOLD: tl.constexpr, EVEN_K1: tl.constexpr,
                EVEN_K2: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr,
-               PAD_SCALES: tl.constexpr):
+               PAD_SCALES: tl.constexpr, TRACE: tl.constexpr):
     """The layer at decode size in one launch (one custom call, one kernel):
     both gemms route from topk_ids (_direct_rows; ids_ptr, tw_ptr flat).
 
@@ -464,9 +483,13 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     [T * TOPK, 2I] at 0, its tile counters at cnt1_off, y [T, H] at y_off,
     gemm2's column-tile counters at cnt2_off, then the ticket and the
     tiles-done counter of each row block at sync_off.
-    inter [grid_m * BM, I] bf16 is gemm1's output."""
+    inter [grid_m * BM, I] bf16 is gemm1's output.
+    TRACE (profiling, bench/trace_decode.py): each program's start, routed,
+    ready (gemm2: its wait is over) and end times and its SM, after sync."""
     sync = (scratch_ptr + sync_off).to(tl.pointer_type(tl.int32))
     ticket = tl.atomic_add(sync, 1, sem="relaxed")
+    if TRACE:
+        _trace(scratch_ptr, sync_off, grid_m, ticket, 0, ticket)
     n1 = tl.cdiv(I, BN1)
     n2 = tl.cdiv(H, BN2)
     p1 = n1 * grid_m * SPLIT1
@@ -479,6 +502,8 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     m = q // (nn * ns)
     rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(ids_ptr, tw_ptr, T, TOPK, E, m,
                                                               BM, NMAX)
+    if TRACE:
+        _trace(scratch_ptr, sync_off, grid_m, ticket, 1, live + expert)
     y_ptr = scratch_ptr + y_off
     if is_gemm1:
         if m < live:
@@ -495,6 +520,8 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     else:
         if m < live:
             _wait_at_least(sync + 1 + m, n1)
+            if TRACE:
+                _trace(scratch_ptr, sync_off, grid_m, ticket, 2, ticket)
             acc, cols, col_ok = _gemm2_tile(inter_ptr, w2_ptr, w2s_ptr, b2_ptr, rows, row_ok,
                                             expert, wgt, pid_n, pid_s, H, I, BM, BN2, BK2,
                                             SPLIT2, HAS_BIAS2, SWAP, FOLD, EVEN_K2,
@@ -509,3 +536,6 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                 _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)
         elif (live == 0) & (m == 0) & (pid_s == 0):
             _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)  # no entry: y stays 0
+    if TRACE:
+        tl.debug_barrier()
+        _trace(scratch_ptr, sync_off, grid_m, ticket, 3, ticket)
