@@ -12,7 +12,8 @@ from jax_mxfp4_moe.bench import PRESETS, random_routings, random_weights
 
 preset, T, quant = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 p = PRESETS[preset]
-w = random_weights(p, jax.random.key(0))
+mod = api._select("auto", quant, p.activation)
+w = random_weights(p, jax.random.key(0)).to_layout(getattr(mod, "LAYOUT_NAME", "canonical"))
 x = jax.random.normal(jax.random.key(1), (T, p.hidden), jnp.bfloat16)
 ids, tw = random_routings(p, T, 2, seed=0)
 f = jax.jit(lambda w, x, tw, ids: api.moe(x, w, tw, ids, activation=p.activation, quant=quant))
