@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import formats, jnp_impl, layouts, sorting
+from . import formats, jnp_impl, layouts
 from .weights import MoEWeights
 
 MXFP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32  # fp4 element + its share of a scale byte

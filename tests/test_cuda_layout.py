@@ -4,7 +4,6 @@ matches the layout's, and the jnp path reads it."""
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

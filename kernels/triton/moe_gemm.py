@@ -69,6 +69,27 @@ def _direct_rows(ids_ptr, tw_ptr, T, K, E, m, BM: tl.constexpr, NMAX: tl.constex
     return m * BM + r, tl.where(row_ok, tok, T), slot, row_ok, expert, wgt, tl.sum(nblk, 0)
 
 
+@triton.jit
+def _route(sid_ptr, sw_ptr, sexp_ptr, nv_ptr, T, TOPK, E, m, BM: tl.constexpr,
+           NMAX: tl.constexpr, DIRECT: tl.constexpr, WEIGHTS: tl.constexpr):
+    """Block m's rows, from topk_ids (DIRECT: sid/sw hold topk_ids and
+    topk_weights, flat) or from the sort contract: rows, tok, slot, row_ok,
+    expert, each row's routing weight (0 unless WEIGHTS or DIRECT), and
+    whether the block holds entries (programs of empty blocks return)."""
+    if DIRECT:
+        rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(sid_ptr, sw_ptr, T, TOPK, E, m,
+                                                                  BM, NMAX)
+        active = m < live
+    else:
+        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, T, m, BM)
+        active = m * BM < tl.load(nv_ptr)
+        if WEIGHTS:
+            wgt = tl.load(sw_ptr + rows)
+        else:
+            wgt = tl.zeros((BM,), tl.float32)
+    return rows, tok, slot, row_ok, expert, wgt, active
+
+
 def _e2m1_high_nibbles_asm(src: str, selector: str, out: str, bias: bool) -> str:
     """PTX: the high nibbles of two bytes of `src` -> bf16x2 register `out`.
     prmt puts byte i in a half's low byte and its sign-replicated copy
@@ -325,21 +346,15 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
     SPLIT_K > 1: part holds [T*TOPK, 2I] f32 partial sums, then one int32
     counter per tile (all zeroed by the caller)."""
     m = tl.program_id(1)
-    if DIRECT:
-        rows, tok, slot, row_ok, expert, _, live = _direct_rows(sid_ptr, sid_ptr, T, TOPK, E, m,
-                                                                BM, NMAX)
-        if m >= live:
-            return
-    else:
-        if m * BM >= tl.load(nv_ptr):
-            return
-        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, T, m, BM)
-    tile = m * tl.num_programs(0) + tl.program_id(0)
-    count_ptr = (part_ptr + T * TOPK * 2 * I).to(tl.pointer_type(tl.int32)) + tile
-    _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows,
-                tok * TOPK + slot, tok, row_ok, expert, tl.program_id(0), tl.program_id(2), H, I,
-                swiglu_alpha, swiglu_limit, BM, BN, BK, A_FMT, OUT_FMT, ACT, INTERLEAVED,
-                HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES)
+    rows, tok, slot, row_ok, expert, _, active = _route(sid_ptr, sid_ptr, sexp_ptr, nv_ptr, T,
+                                                        TOPK, E, m, BM, NMAX, DIRECT, False)
+    if active:
+        tile = m * tl.num_programs(0) + tl.program_id(0)
+        count_ptr = (part_ptr + T * TOPK * 2 * I).to(tl.pointer_type(tl.int32)) + tile
+        _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows,
+                    tok * TOPK + slot, tok, row_ok, expert, tl.program_id(0), tl.program_id(2),
+                    H, I, swiglu_alpha, swiglu_limit, BM, BN, BK, A_FMT, OUT_FMT, ACT,
+                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES)
 
 
 # ---------------------------------------------------------------------------
@@ -381,24 +396,17 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
     [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1) stored into
     y [T, TOPK, H] f32 at (token, slot)."""
     m = tl.program_id(1)
-    if DIRECT:
-        rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(sid_ptr, sw_ptr, T, TOPK, E, m,
-                                                                  BM, NMAX)
-        if m >= live:
-            return
-    else:
-        if m * BM >= tl.load(nv_ptr):
-            return
-        rows, tok, slot, row_ok, expert = _block_rows(sid_ptr, sexp_ptr, T, m, BM)
-        wgt = tl.load(sw_ptr + rows)
-    acc, cols, col_ok = _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt,
-                                    tl.program_id(0), tl.program_id(2), H, I, BM, BN, BK,
-                                    SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K, PAD_SCALES)
-    ok = row_ok[:, None] & col_ok[None, :]
-    if DETERMINISTIC:
-        tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
-    else:
-        tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc, mask=ok, sem="relaxed")
+    rows, tok, slot, row_ok, expert, wgt, active = _route(sid_ptr, sw_ptr, sexp_ptr, nv_ptr, T,
+                                                          TOPK, E, m, BM, NMAX, DIRECT, True)
+    if active:
+        acc, cols, col_ok = _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert,
+                                        wgt, tl.program_id(0), tl.program_id(2), H, I, BM, BN,
+                                        BK, SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K, PAD_SCALES)
+        ok = row_ok[:, None] & col_ok[None, :]
+        if DETERMINISTIC:
+            tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
+        else:
+            tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc, mask=ok, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------
