@@ -208,10 +208,11 @@ def _mosaic(lhs, rhs, sizes):
 
 
 def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str,
-                layout: str = "canonical"):
+                ours_weights: MoEWeights | None = None):
     """name -> (jitted fn(params, x, topk_weights[R], topk_ids[R]) running R layer
     calls, params). Weights are arguments, never closed-over constants; ours
-    gets them in `layout` (re-laid out once, here), the baselines canonical."""
+    gets ours_weights (the same weights in its backend's layout) when given,
+    the baselines w (canonical)."""
     from . import api
 
     def over_routings(layer):  # tws, idss: tuples of R arrays (no slicing in the jit)
@@ -221,7 +222,7 @@ def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str,
 
     layers = {"ours": (over_routings(lambda w, x, tw, ids: api.moe(
         x, w, tw, ids, activation=p.activation, quant=quant, backend=backend)),
-        w.to_layout(layout))}
+        w if ours_weights is None else ours_weights)}
     dense = None
     if "bf16_ragged_dot" in baselines or "mosaic_gpu_ragged_dot" in baselines:
         try:
@@ -298,6 +299,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
         f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; ours = {impl} "
         f"({layout} weights); median of {reps} reps, each over up to {routings} routings")
     w = random_weights(p, jax.random.key(42))
+    w_ours = w.to_layout(layout)  # once, as a user lays out weights at load time
     rows = []
     for T in tokens:
         x = jax.random.normal(jax.random.key(T), (T, p.hidden), jnp.bfloat16)
@@ -307,7 +309,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
         fl = flops(p, T)
         roof = max(nbytes / bw, fl / peak)
         row = dict(T=T, routings=R, bytes=nbytes, flops=fl, roofline_s=roof, results={})
-        layers = make_layers(p, w, quant, baselines, backend, layout)
+        layers = make_layers(p, w, quant, baselines, backend, w_ours)
         ids_d = tuple(jnp.asarray(a) for a in ids)
         tw_d = tuple(jnp.asarray(a) for a in tw)
         for name, (fn, params) in layers.items():
