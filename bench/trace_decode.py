@@ -3,6 +3,7 @@ program starts, when a gemm2 program's wait ends, when each ends, on which
 SM. Prints phase summaries (times in us from the first start).
 usage: python3 bench/trace_decode.py PRESET T [QUANT]"""
 
+import os
 import sys
 
 import jax
@@ -40,6 +41,8 @@ def main(preset, T, quant="a16w4"):
     for r in range(len(ids)):
         _, raw = f(w, x, jnp.asarray(tw[r]), jnp.asarray(ids[r]))
         t = np.asarray(raw).view(np.int64).reshape(-1, 8)
+        if os.environ.get("TRACE_DUMP"):  # the raw [programs, 8] table, for offline analysis
+            np.save(os.path.join(os.environ["TRACE_DUMP"], f"{preset}_T{T}_{quant}_{r}.npy"), t)
         if r == 0:
             continue  # compile and first-touch
         start, routed, ready, end, sm = t[:, 0], t[:, 1], t[:, 2], t[:, 3], t[:, 4]

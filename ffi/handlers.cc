@@ -20,10 +20,11 @@ using I64s = ffi::Span<const int64_t>;
 LaunchDescription Describe(std::string_view code_hash, std::string_view kernel,
                            I64s grid, I64s block, int64_t shared_mem,
                            I64s arg_kinds, I64s arg_values, I64s arg_offsets,
-                           int64_t kernarg_size, I64s zero_outputs) {
+                           int64_t kernarg_size, I64s zero_outputs,
+                           int64_t workspace_id) {
   return LaunchDescription{code_hash,  kernel,      grid,         block,
                            shared_mem, arg_kinds,   arg_values,   arg_offsets,
-                           kernarg_size, zero_outputs};
+                           kernarg_size, zero_outputs, workspace_id};
 }
 
 template <typename V>
@@ -31,12 +32,13 @@ ffi::Error Initialize(void* stream, std::string_view code_hash,
                       std::string_view kernel, I64s grid, I64s block,
                       int64_t shared_mem, I64s arg_kinds, I64s arg_values,
                       I64s arg_offsets, int64_t kernarg_size,
-                      I64s zero_outputs, ffi::RemainingArgs args,
-                      ffi::RemainingRets rets) {
+                      I64s zero_outputs, int64_t workspace_id,
+                      ffi::RemainingArgs args, ffi::RemainingRets rets) {
   return InitializeLaunch<V>(
       stream,
       Describe(code_hash, kernel, grid, block, shared_mem, arg_kinds,
-               arg_values, arg_offsets, kernarg_size, zero_outputs),
+               arg_values, arg_offsets, kernarg_size, zero_outputs,
+               workspace_id),
       args.size(), rets.size());
 }
 
@@ -45,22 +47,25 @@ ffi::Error Execute(void* stream, std::string_view code_hash,
                    std::string_view kernel, I64s grid, I64s block,
                    int64_t shared_mem, I64s arg_kinds, I64s arg_values,
                    I64s arg_offsets, int64_t kernarg_size, I64s zero_outputs,
-                   ffi::RemainingArgs args, ffi::RemainingRets rets) {
+                   int64_t workspace_id, ffi::RemainingArgs args,
+                   ffi::RemainingRets rets) {
   return ExecuteLaunch<V>(
       stream,
       Describe(code_hash, kernel, grid, block, shared_mem, arg_kinds,
-               arg_values, arg_offsets, kernarg_size, zero_outputs),
+               arg_values, arg_offsets, kernarg_size, zero_outputs,
+               workspace_id),
       args, rets);
 }
 
 ffi::Error DryRun(std::string_view code_hash, std::string_view kernel,
                   I64s grid, I64s block, int64_t shared_mem, I64s arg_kinds,
                   I64s arg_values, I64s arg_offsets, int64_t kernarg_size,
-                  I64s zero_outputs, ffi::RemainingArgs args,
-                  ffi::RemainingRets rets) {
+                  I64s zero_outputs, int64_t workspace_id,
+                  ffi::RemainingArgs args, ffi::RemainingRets rets) {
   LaunchDescription d =
       Describe(code_hash, kernel, grid, block, shared_mem, arg_kinds,
-               arg_values, arg_offsets, kernarg_size, zero_outputs);
+               arg_values, arg_offsets, kernarg_size, zero_outputs,
+               workspace_id);
   if (rets.size() == 0) {
     return LaunchError(d, ffi::ErrorCode::kInvalidArgument,
                        "the dry run needs a last result for the kernargs");
@@ -99,10 +104,12 @@ ffi::Error DryRun(std::string_view code_hash, std::string_view kernel,
                        "the dry run's last result must hold kernarg_size "
                        "bytes");
   }
+  // No device memory here: a workspace parameter packs as kDryRunWorkspace.
   alignas(16) uint8_t kernargs[kMaxKernargSize];
   std::string error = PackKernargs(
       d.arg_kinds.begin(), d.arg_values.begin(), d.arg_offsets.begin(),
-      d.arg_kinds.size(), d.kernarg_size, addresses, num_buffers, kernargs);
+      d.arg_kinds.size(), d.kernarg_size, addresses, num_buffers,
+      kDryRunWorkspace, kernargs);
   if (!error.empty()) {
     return LaunchError(d, ffi::ErrorCode::kInvalidArgument, error);
   }

@@ -18,7 +18,7 @@ std::string ParamPrefix(size_t i) {
 std::string PackKernargs(const int64_t* kinds, const int64_t* values,
                          const int64_t* offsets, size_t num_params,
                          int64_t size, const uint64_t* buffers,
-                         size_t num_buffers, uint8_t* out) {
+                         size_t num_buffers, uint64_t workspace, uint8_t* out) {
   if (size < 0 || size > kMaxKernargSize) {
     return "kernarg_size " + std::to_string(size) + " is outside [0, " +
            std::to_string(kMaxKernargSize) + "]";
@@ -70,6 +70,10 @@ std::string PackKernargs(const int64_t* kinds, const int64_t* values,
       case ArgKind::kNull:
         width = 8;
         bits = 0;
+        break;
+      case ArgKind::kWorkspace:
+        width = 8;
+        bits = workspace;
         break;
       default:
         return ParamPrefix(i) + "unknown kind " + std::to_string(kinds[i]);

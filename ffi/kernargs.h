@@ -22,6 +22,8 @@ enum class ArgKind : int64_t {
   kNull = 5,    // a NULL pointer (8 bytes); value ignored
   kAlignedBuffer = 6,  // as kBuffer, and the address must be 16-byte aligned
                        // (the kernel was compiled assuming it: vector loads)
+  kWorkspace = 7,  // value: bytes; the launch's workspace (launcher.h), a
+                   // pointer to device memory the kernel leaves all zero
 };
 
 // Alignment promised by kAlignedBuffer parameters.
@@ -32,12 +34,13 @@ inline constexpr int64_t kMaxKernargSize = 4096;
 
 // Checks the launch description and writes the packed arguments into
 // `out[0, size)` (zero-filled between parameters). `buffers[i]` is the device
-// address of buffer i. Returns an empty string on success, else a readable
-// reason (nothing is promised about `out` then).
+// address of buffer i; `workspace` the address kWorkspace parameters get.
+// Returns an empty string on success, else a readable reason (nothing is
+// promised about `out` then).
 std::string PackKernargs(const int64_t* kinds, const int64_t* values,
                          const int64_t* offsets, size_t num_params,
                          int64_t size, const uint64_t* buffers,
-                         size_t num_buffers, uint8_t* out);
+                         size_t num_buffers, uint64_t workspace, uint8_t* out);
 
 }  // namespace jax_mxfp4_moe
 

@@ -1,5 +1,7 @@
 #include "launch_description.h"
 
+#include "kernargs.h"
+
 namespace jax_mxfp4_moe {
 namespace {
 
@@ -54,8 +56,30 @@ std::string ValidateDescription(const LaunchDescription& d, size_t num_args,
              ")";
     }
   }
+  int workspaces = 0;
+  for (size_t i = 0; i < d.arg_kinds.size(); ++i) {
+    if (d.arg_kinds[i] != static_cast<int64_t>(ArgKind::kWorkspace)) continue;
+    if (++workspaces > 1) return "more than one workspace parameter";
+    if (d.arg_values[i] < 1 || d.arg_values[i] > kMaxWorkspaceBytes) {
+      return "workspace of " + std::to_string(d.arg_values[i]) +
+             " bytes is outside [1, 2^30]";
+    }
+  }
+  if ((workspaces == 1) != (d.workspace_id != 0)) {
+    return workspaces ? "a workspace parameter needs a nonzero workspace_id"
+                      : "workspace_id is set but no parameter is a workspace";
+  }
   (void)num_args;  // buffer indices are checked while packing
   return {};
+}
+
+int64_t WorkspaceBytes(const LaunchDescription& d) {
+  for (size_t i = 0; i < d.arg_kinds.size(); ++i) {
+    if (d.arg_kinds[i] == static_cast<int64_t>(ArgKind::kWorkspace)) {
+      return d.arg_values[i];
+    }
+  }
+  return 0;
 }
 
 xla::ffi::Error LaunchError(const LaunchDescription& d,

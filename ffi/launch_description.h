@@ -25,7 +25,17 @@ struct LaunchDescription {
   xla::ffi::Span<const int64_t> arg_offsets;
   int64_t kernarg_size;
   xla::ffi::Span<const int64_t> zero_outputs;
+  // Names the launch's workspace (kWorkspace parameter), unique per launch
+  // site; 0 when it has none.
+  int64_t workspace_id;
 };
+
+// Largest workspace one launch may ask for.
+inline constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
+
+// Bytes of the launch's workspace (0: none). ValidateDescription checks that
+// there is at most one kWorkspace parameter and a workspace_id to go with it.
+int64_t WorkspaceBytes(const LaunchDescription& d);
 
 // Empty if `d` is consistent with `num_args` operands and `num_rets`
 // results, else the reason. Kernarg contents are checked by PackKernargs.
@@ -54,6 +64,7 @@ xla::ffi::Error LaunchError(const LaunchDescription& d,
       .Attr<xla::ffi::Span<const int64_t>>("arg_offsets") /* byte offset */  \
       .Attr<int64_t>("kernarg_size")       /* kernarg buffer bytes */        \
       .Attr<xla::ffi::Span<const int64_t>>("zero_outputs") /* memset 0 */    \
+      .Attr<int64_t>("workspace_id")       /* 0, or the workspace's key */   \
       .RemainingArgs()                     /* operand buffers */             \
       .RemainingRets()                     /* result buffers */
 

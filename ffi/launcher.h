@@ -2,12 +2,24 @@
 // HipVendor, vendor.h).
 //
 // Initialize stage: resolve the code object by hash, load it once per
-// (device, hash), look the kernel up, and cache the function. Execute stage:
-// look the function up (shared lock), pack the kernargs, memset the
-// requested results, launch on XLA's stream. Execute does no loading and no
+// (device, hash), look the kernel up, and cache the function; allocate the
+// launch's workspace on first use. Execute stage: look the function (and
+// workspace) up (shared lock), pack the kernargs, memset the requested
+// results, launch on XLA's stream. Execute does no loading, allocation or
 // synchronisation, so XLA may capture it into a command buffer (CUDA graph).
 // XLA runs the initialize stage before every execution, so its cached path
 // is one shared-lock lookup.
+//
+// A workspace is device memory that outlives the launch: zeroed once when
+// allocated, and left all zero by every run of the kernel (its contract), so
+// a kernel that needs zeroed counters or sums gets them without a memset on
+// the stream before each launch. One per (device, workspace_id, bytes): the
+// id is numbered per launch site when the call is traced (ffi.py), so the
+// launches of one executable never share one, even where a command buffer
+// runs them concurrently; a launch site does not run twice at once on a
+// device. Launches of different executables that happen to carry the same
+// id share it, in stream order, which the all-zero contract makes safe.
+// Kept for the life of the process, like loaded code objects.
 #ifndef JAX_MXFP4_MOE_FFI_LAUNCHER_H_
 #define JAX_MXFP4_MOE_FFI_LAUNCHER_H_
 
@@ -112,6 +124,43 @@ class ModuleCache {
       functions_;
 };
 
+class WorkspaceCache {
+ public:
+  static WorkspaceCache& Get() {
+    static auto* cache = new WorkspaceCache();  // never destroyed: used at exit
+    return *cache;
+  }
+
+  // The workspace's address, 0 if it was not allocated yet.
+  uint64_t Find(uintptr_t device, int64_t id, int64_t bytes) {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    auto it = workspaces_.find(std::make_tuple(device, id, bytes));
+    return it == workspaces_.end() ? 0 : it->second;
+  }
+
+  // Allocates (zeroed) what is missing; empty string on success, else why.
+  template <typename V>
+  std::string Ensure(const typename V::Api* api, uintptr_t device, void* stream,
+                     int64_t id, int64_t bytes) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    auto key = std::make_tuple(device, id, bytes);
+    if (workspaces_.count(key)) return {};
+    typename V::ScopedDevice scoped(api, device);
+    uint64_t address = 0;
+    if (int s = V::AllocZeroed(api, static_cast<size_t>(bytes), stream,
+                               &address)) {
+      return "allocating a workspace of " + std::to_string(bytes) +
+             " bytes failed: " + V::ErrorString(api, s);
+    }
+    workspaces_.emplace(key, address);
+    return {};
+  }
+
+ private:
+  std::shared_mutex mu_;
+  std::map<std::tuple<uintptr_t, int64_t, int64_t>, uint64_t> workspaces_;
+};
+
 // What both stages do first: check the description against the call's
 // buffers, reach the driver API and find the stream's device.
 template <typename V>
@@ -146,6 +195,15 @@ xla::ffi::Error InitializeLaunch(void* stream, const LaunchDescription& d,
     return e;
   }
   std::string error;
+  if (int64_t bytes = WorkspaceBytes(d);
+      bytes > 0 &&
+      WorkspaceCache::Get().Find(device, d.workspace_id, bytes) == 0) {
+    error = WorkspaceCache::Get().Ensure<V>(api, device, stream,
+                                            d.workspace_id, bytes);
+    if (!error.empty()) {
+      return LaunchError(d, ErrorCode::kResourceExhausted, error);
+    }
+  }
   ModuleCache<V>& cache = ModuleCache<V>::Get();
   typename ModuleCache<V>::Function f;
   if (cache.Find(device, d.code_hash, d.kernel, &f) &&
@@ -179,6 +237,16 @@ xla::ffi::Error ExecuteLaunch(void* stream, const LaunchDescription& d,
                        "did not run or failed)");
   }
 
+  uint64_t workspace = 0;
+  if (int64_t bytes = WorkspaceBytes(d); bytes > 0) {
+    workspace = WorkspaceCache::Get().Find(device, d.workspace_id, bytes);
+    if (workspace == 0) {
+      return LaunchError(d, ErrorCode::kFailedPrecondition,
+                         "its workspace is not allocated on this device (the "
+                         "initialize stage did not run or failed)");
+    }
+  }
+
   size_t num_buffers = args.size() + rets.size();
   if (num_buffers > kMaxBuffers) {
     return LaunchError(d, ErrorCode::kInvalidArgument,
@@ -210,7 +278,8 @@ xla::ffi::Error ExecuteLaunch(void* stream, const LaunchDescription& d,
   alignas(16) uint8_t kernargs[kMaxKernargSize];
   error = PackKernargs(d.arg_kinds.begin(), d.arg_values.begin(),
                        d.arg_offsets.begin(), d.arg_kinds.size(),
-                       d.kernarg_size, addresses, num_buffers, kernargs);
+                       d.kernarg_size, addresses, num_buffers, workspace,
+                       kernargs);
   if (!error.empty()) {
     return LaunchError(d, ErrorCode::kInvalidArgument, error);
   }

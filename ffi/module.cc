@@ -33,7 +33,8 @@ nb::dict Stages(XLA_FFI_Handler* initialize, XLA_FFI_Handler* execute) {
 nb::bytes PackKernargs(const std::vector<int64_t>& kinds,
                        const std::vector<int64_t>& values,
                        const std::vector<int64_t>& offsets, int64_t size,
-                       const std::vector<uint64_t>& buffer_addresses) {
+                       const std::vector<uint64_t>& buffer_addresses,
+                       uint64_t workspace_address) {
   if (values.size() != kinds.size() || offsets.size() != kinds.size()) {
     throw nb::value_error("kinds, values and offsets must have equal lengths");
   }
@@ -46,7 +47,7 @@ nb::bytes PackKernargs(const std::vector<int64_t>& kinds,
   std::string out(static_cast<size_t>(size), '\0');
   std::string error = jax_mxfp4_moe::PackKernargs(
       kinds.data(), values.data(), offsets.data(), kinds.size(), size,
-      buffer_addresses.data(), buffer_addresses.size(),
+      buffer_addresses.data(), buffer_addresses.size(), workspace_address,
       reinterpret_cast<uint8_t*>(out.data()));
   if (!error.empty()) throw nb::value_error(error.c_str());
   return nb::bytes(out.data(), out.size());
@@ -59,6 +60,7 @@ NB_MODULE(_launcher, m) {
 
   m.attr("TARGET_NAME") = "jax_mxfp4_moe_launch";
   m.attr("MAX_KERNARG_SIZE") = jax_mxfp4_moe::kMaxKernargSize;
+  m.attr("DRY_RUN_WORKSPACE") = jax_mxfp4_moe::kDryRunWorkspace;
 
   m.def(
       "registrations",
@@ -114,5 +116,7 @@ NB_MODULE(_launcher, m) {
 
   m.def("pack_kernargs", &PackKernargs, nb::arg("kinds"), nb::arg("values"),
         nb::arg("offsets"), nb::arg("size"), nb::arg("buffer_addresses"),
-        "The kernarg bytes a launch with these buffer addresses passes.");
+        nb::arg("workspace_address") = 0,
+        "The kernarg bytes a launch with these buffer (and workspace) "
+        "addresses passes.");
 }

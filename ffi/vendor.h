@@ -65,6 +65,8 @@ struct CudaVendor {
                         void* stream, void** params, void** extra);
     int (*MemsetD8Async)(uint64_t ptr, unsigned char value, size_t count,
                          void* stream);
+    int (*MemAlloc)(uint64_t* ptr, size_t bytes);
+    int (*StreamSynchronize)(void* stream);
     int (*GetErrorString)(int status, const char** text);
     int (*StreamGetCtx)(void* stream, void** context);
     int (*CtxGetCurrent)(void** context);
@@ -87,6 +89,8 @@ struct CudaVendor {
       Resolve(lib, "cuFuncSetAttribute", &api.FuncSetAttribute, &missing);
       Resolve(lib, "cuLaunchKernel", &api.LaunchKernel, &missing);
       Resolve(lib, "cuMemsetD8Async", &api.MemsetD8Async, &missing);
+      Resolve(lib, "cuMemAlloc_v2", &api.MemAlloc, &missing);
+      Resolve(lib, "cuStreamSynchronize", &api.StreamSynchronize, &missing);
       Resolve(lib, "cuGetErrorString", &api.GetErrorString, &missing);
       Resolve(lib, "cuStreamGetCtx", &api.StreamGetCtx, &missing);
       Resolve(lib, "cuCtxGetCurrent", &api.CtxGetCurrent, &missing);
@@ -163,6 +167,17 @@ struct CudaVendor {
     return api->MemsetD8Async(reinterpret_cast<uint64_t>(ptr), 0, bytes,
                               stream);
   }
+
+  // Device memory of the current context, zeroed before this returns. The
+  // memset goes on `stream` and is waited for: a memset on the legacy
+  // default stream would not be ordered before launches on XLA's
+  // (non-blocking) streams.
+  static int AllocZeroed(const Api* api, size_t bytes, void* stream,
+                         uint64_t* ptr) {
+    if (int s = api->MemAlloc(ptr, bytes)) return s;
+    if (int s = api->MemsetD8Async(*ptr, 0, bytes, stream)) return s;
+    return api->StreamSynchronize(stream);
+  }
 };
 
 //===----------------------------------------------------------------------===//
@@ -180,6 +195,8 @@ struct HipVendor {
                               unsigned bz, unsigned shared, void* stream,
                               void** params, void** extra);
     int (*MemsetAsync)(void* ptr, int value, size_t count, void* stream);
+    int (*Malloc)(void** ptr, size_t bytes);
+    int (*StreamSynchronize)(void* stream);
     const char* (*GetErrorString)(int status);
     int (*GetStreamDeviceId)(void* stream);
     int (*GetDevice)(int* device);
@@ -202,6 +219,8 @@ struct HipVendor {
       Resolve(lib, "hipModuleLaunchKernel", &api.ModuleLaunchKernel,
               &missing);
       Resolve(lib, "hipMemsetAsync", &api.MemsetAsync, &missing);
+      Resolve(lib, "hipMalloc", &api.Malloc, &missing);
+      Resolve(lib, "hipStreamSynchronize", &api.StreamSynchronize, &missing);
       Resolve(lib, "hipGetErrorString", &api.GetErrorString, &missing);
       Resolve(lib, "hipGetStreamDeviceId", &api.GetStreamDeviceId, &missing);
       Resolve(lib, "hipGetDevice", &api.GetDevice, &missing);
@@ -265,6 +284,17 @@ struct HipVendor {
   static int MemsetZero(const Api* api, void* ptr, size_t bytes,
                         void* stream) {
     return api->MemsetAsync(ptr, 0, bytes, stream);
+  }
+
+  // Device memory of the current device, zeroed before this returns (the
+  // memset on `stream`, waited for: see CudaVendor::AllocZeroed).
+  static int AllocZeroed(const Api* api, size_t bytes, void* stream,
+                         uint64_t* ptr) {
+    void* p = nullptr;
+    if (int s = api->Malloc(&p, bytes)) return s;
+    *ptr = reinterpret_cast<uint64_t>(p);
+    if (int s = api->MemsetAsync(p, 0, bytes, stream)) return s;
+    return api->StreamSynchronize(stream);
   }
 };
 

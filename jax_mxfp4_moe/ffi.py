@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import numbers
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,6 +54,15 @@ _KINDS = {
     "null": (5, 8),
     "ptr16": (6, 8),  # a buffer the kernel assumes 16-byte aligned (checked at launch)
 }
+# The kind code a pointer parameter takes when its argument is a Workspace.
+_WORKSPACE_CODE = 7
+_MAX_WORKSPACE_BYTES = 1 << 30
+# Keys of traced launch sites that have a workspace: a counter, so that a
+# process that traces the same program gets the same HLO (persistent
+# compilation caches keep working). Launches from other executables (a
+# cache, an export) may reuse a key; they run in stream order with this
+# process's, so sharing a workspace that every run leaves zeroed is safe.
+_WORKSPACE_IDS = itertools.count(1)
 _POINTER_KINDS = ("ptr", "ptr16")
 _INT_RANGES = {
     "i32": (-(2**31), 2**31 - 1),
@@ -227,6 +237,23 @@ class Out:
             raise ValueError(f"index: expected an int >= 0, got {self.index!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """A "ptr" argument that is the launch's workspace: ``nbytes`` of device
+    memory (256-byte aligned) that the launcher allocates and zeroes once,
+    and that the kernel must leave all zero when it completes. It stands in
+    for a result zeroed before every launch (``zero_outputs``) without the
+    memset on the stream. Each traced launch gets its own workspace per
+    device (ffi/launcher.h); at most one per launch."""
+
+    nbytes: int
+
+    def __post_init__(self):
+        if not isinstance(self.nbytes, numbers.Integral) or isinstance(self.nbytes, bool) \
+                or not 1 <= self.nbytes <= _MAX_WORKSPACE_BYTES:
+            raise ValueError(f"nbytes: expected an int in [1, 2**30], got {self.nbytes!r}")
+
+
 # --------------------------------------------------------------------------
 # Launch
 # --------------------------------------------------------------------------
@@ -251,7 +278,12 @@ def _encode_args(kernel: Kernel, args: Sequence[Any], num_results: int):
         where = f"args[{i}] ({kind})"
         kinds.append(_KINDS[kind][0])
         if kind in _POINTER_KINDS:
-            if isinstance(arg, Out):
+            if isinstance(arg, Workspace):
+                if _WORKSPACE_CODE in kinds[:-1]:
+                    raise ValueError(f"{where}: a launch has at most one Workspace")
+                kinds[-1] = _WORKSPACE_CODE
+                values.append(int(arg.nbytes))
+            elif isinstance(arg, Out):
                 if arg.index >= num_results:
                     raise ValueError(
                         f"{where}: Out({arg.index}) but the launch has {num_results} results")
@@ -260,7 +292,8 @@ def _encode_args(kernel: Kernel, args: Sequence[Any], num_results: int):
                 values.append(len(operands))
                 operands.append(arg)
             else:
-                raise TypeError(f"{where}: expected an array or Out(i), got {type(arg).__name__}")
+                raise TypeError(
+                    f"{where}: expected an array, Out(i) or Workspace(n), got {type(arg).__name__}")
         elif kind == "null":
             if arg is not None:
                 raise TypeError(f"{where}: expected None, got {type(arg).__name__}")
@@ -296,6 +329,8 @@ def _attributes(kernel: Kernel, grid, kinds, values, zero_outputs) -> dict:
         arg_offsets=i64(offsets),
         kernarg_size=np.int64(size),
         zero_outputs=i64(zero_outputs),
+        # A key per traced launch site names its workspace (ffi/launcher.h).
+        workspace_id=np.int64(next(_WORKSPACE_IDS) if _WORKSPACE_CODE in kinds else 0),
     )
 
 
@@ -354,9 +389,9 @@ def launch(kernel: Kernel, grid, args: Sequence[Any], out_types, *,
            name: str | None = None, vmap_method: str = "sequential") -> list[jax.Array]:
     """Launches ``kernel`` on ``grid`` (1 to 3 block counts) under jit.
 
-    ``args`` holds one entry per kernel parameter: a jax array (an operand)
-    or :class:`Out` (a result) for "ptr", a Python int for "i32"/"u32"/"i64",
-    a Python float for "f32", None for "null". ``out_types`` lists the
+    ``args`` holds one entry per kernel parameter: a jax array (an operand),
+    :class:`Out` (a result) or :class:`Workspace` for "ptr", a Python int for
+    "i32"/"u32"/"i64", a Python float for "f32", None for "null". ``out_types`` lists the
     results (``jax.ShapeDtypeStruct``); results in ``zero_outputs`` are
     zero-filled on the stream before the launch. ``input_output_aliases``
     maps an operand index (position among the array arguments) to the result

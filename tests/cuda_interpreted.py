@@ -7,11 +7,14 @@ triton was imported: triton decides at a kernel's definition whether it is
 interpreted. `install()` swaps cuda.kernel / cuda.launch for interpreted
 ones. Inline PTX cannot be interpreted: the decode upcast's function
 (_mx_dot_even_odd) is replaced by plain Triton arithmetic with the same
-results (the PTX text itself is checked by test_triton_asm.py), and the poll
-loop's sleep (_backoff) by the identity; everything else runs as written.
+results (the PTX text itself is checked by test_triton_asm.py), and the
+poll loop (_wait_at_least) by volatile loads and an acquiring atomic;
+everything else runs as written.
 
 Launch results that the launch does not zero start as 0xAB bytes, so a
-kernel that leaves part of a result unwritten shows up.
+kernel that leaves part of a result unwritten shows up. A workspace
+(ffi.Workspace) persists across launches of the same kernel, as the real
+launcher's does, and must be all zero again after every launch (checked).
 """
 
 import importlib
@@ -66,17 +69,31 @@ def _kernel(module, name, *, num_warps, num_stages=1, x_dtype="bf16", out_dtype=
     return _Kernel(module, name, num_warps, constexprs)
 
 
+# Workspaces by (kernel, bytes): zeroed once, kept across launches.
+_WORKSPACES = {}
+
+
+class DirtyWorkspace(AssertionError):
+    pass
+
+
 def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliases=None,
             name=None):
     aliases = input_output_aliases or {}
     outs = [_empty(o, i in zero_outputs) for i, o in enumerate(out_types)]
-    operands = [a for a in args if not isinstance(a, (ffi.Out, int, float, type(None)))]
+    operands = [a for a in args
+                if not isinstance(a, (ffi.Out, ffi.Workspace, int, float, type(None)))]
+    workspaces = [_WORKSPACES.setdefault((kern.fn.__name__, a.nbytes),
+                                         torch.zeros(a.nbytes // 4, dtype=torch.float32))
+                  for a in args if isinstance(a, ffi.Workspace)]
     for o, r in aliases.items():  # in place: the result starts as the operand
         outs[r] = _to_torch(operands[o])
     call, k = [], 0
     for a in args:
         if isinstance(a, ffi.Out):
             call.append(outs[a.index])
+        elif isinstance(a, ffi.Workspace):
+            call.append(workspaces[0])
         elif isinstance(a, (int, float)) or a is None:
             call.append(a)
         else:
@@ -84,6 +101,11 @@ def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliase
             call.append(outs[aliased[0]] if aliased else _to_torch(a))
             k += 1
     kern.fn[tuple(grid)](*call, **kern.constexprs, num_warps=kern.num_warps)
+    for ws in workspaces:
+        if torch.count_nonzero(ws.view(torch.int32)):
+            raise DirtyWorkspace(f"{kern.fn.__name__} left "
+                                 f"{int(torch.count_nonzero(ws.view(torch.int32)))} "
+                                 "workspace words nonzero")
     return [_to_jax(t, o.dtype) for t, o in zip(outs, out_types)]
 
 
@@ -123,9 +145,12 @@ def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _identity(x):
-    """moe_gemm._backoff without its PTX sleep."""
-    return x
+def _wait_at_least(ptr, target):
+    """moe_gemm._wait_at_least without its PTX: poll, then acquire."""
+    c = tl.load(ptr, volatile=True)
+    while c < target:
+        c = tl.load(ptr, volatile=True)
+    return tl.atomic_add(ptr, 0, sem="acquire")
 
 
 def install():
@@ -135,7 +160,7 @@ def install():
     cuda.kernel = _kernel
     cuda.launch = _launch
     _gemm()._mx_dot_even_odd = _mx_dot_even_odd
-    _gemm()._backoff = _identity
+    _gemm()._wait_at_least = _wait_at_least
 
 
 def _weights(c):

@@ -192,6 +192,30 @@ def test_edge_routings_one_token_one_expert_out_of_range(T):
     accuracy.assert_close(y, reference.moe(x[:1], w, tw[:1], ids[:1], activation="silu", quant="a8w4"))
 
 
+def test_decode_workspace_is_reused_clean_across_routings():
+    """moe_decode's scratch is a launcher workspace that each run must leave
+    all zero: one jitted layer (one launch site, one workspace) called with
+    routings that leave different counters and sums in use, each checked
+    against the reference (a counter or sum left behind would shift the
+    next call's roles or values)."""
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up="interleaved")
+    T = 5
+    assert T * shape.k <= cuda_kernels.DIRECT_MAX
+    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai",
+                                            quant="a16w4"))
+    x, tw, ids = moe_cases.make_tokens(shape, T, seed=1)
+    routings = [ids, jnp.full(ids.shape, 3, jnp.int32), ids.at[:, 0].set(-1),
+                jnp.full(ids.shape, shape.E, jnp.int32), ids.at[1:].set(ids[0]), ids]
+    for r, i in enumerate(routings * 2):
+        y = np.asarray(f(x, tw, i).astype(jnp.float32))
+        ref = reference.moe(x, w, tw, i, activation="swiglu_oai", quant="a16w4")
+        if not np.any(ref):
+            assert not np.any(y), r
+        else:
+            accuracy.assert_close(y, ref)
+
+
 def test_expert_mask_selects_local_experts():
     shape = moe_cases.GPT_OSS_LIKE
     full = moe_cases.make_weights(shape)

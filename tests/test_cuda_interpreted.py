@@ -43,6 +43,8 @@ CASES = {
     "decode ids out of range and repeated": dict(T=5, regime=0, split=2,
                                                  ids=[[1, 1, 9, -2], [3, 1, 3, 7], [0, 0, 0, 0],
                                                       [7, 6, 5, 4], [8, 8, 8, 8]]),
+    "decode T=5, split 2: the workspace the case before last left": dict(T=5, regime=0,
+                                                                          split=2),
     "decode no valid id": dict(T=3, regime=0, split=2, ids=[[8] * 4] * 3),
     "decode f16 in and out": dict(T=3, regime=0, split=1, dtype="float16", quant="a4w4"),
     "sorted T=20 BM 32, split 2, sm90 layout": dict(T=20, regime=1, split=2, quant="a4w4",

@@ -241,6 +241,61 @@ def test_handler_error_names_the_kernel_and_process_continues(on_cpu):
     assert np.asarray(ok).tobytes() == struct.pack("<i", 5)
 
 
+def test_cpp_packing_puts_the_workspace_address_at_its_parameter():
+    packed = L.pack_kernargs([1, 7, 0], [5, 64, 0], [0, 8, 16], 24, [0x2000], 0xABC00)
+    assert packed == struct.pack("<iiQQ", 5, 0, 0xABC00, 0x2000)
+
+
+WS = ffi.Kernel(HASH, "ws", params=("ptr16", "i32", "ptr"))
+
+
+def test_workspace_packs_its_pointer_and_each_launch_site_gets_its_own(on_cpu):
+    out = [jax.ShapeDtypeStruct((4,), jnp.float32)]
+    _, kernargs = ffi.dry_run(WS, 1, [ffi.Workspace(4096), 7, ffi.Out(0)], out)
+    b = np.asarray(kernargs).tobytes()
+    offsets, _ = WS.layout
+    assert struct.unpack_from("<Q", b, offsets[0])[0] == L.DRY_RUN_WORKSPACE
+    assert struct.unpack_from("<i", b, offsets[1])[0] == 7
+    attrs = [ffi._describe(WS, 1, [ffi.Workspace(4096), 7, ffi.Out(0)], out, ())[2]
+             for _ in range(2)]
+    assert list(attrs[0]["arg_kinds"]) == [7, 1, 0] and attrs[0]["arg_values"][0] == 4096
+    assert 0 < attrs[0]["workspace_id"] != attrs[1]["workspace_id"] > 0
+    plain = ffi._describe(WS, 1, [jnp.ones(4), 7, ffi.Out(0)], out, ())[2]
+    assert plain["workspace_id"] == 0 and plain["arg_kinds"][0] == 6
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: ffi.Workspace(0), ValueError, "nbytes"),
+    (lambda: ffi.Workspace(2**30 + 1), ValueError, "nbytes"),
+    (lambda: ffi.Workspace(True), ValueError, "nbytes"),
+    (lambda: ffi.launch(ffi.Kernel(HASH, "two", params=("ptr", "ptr")), 1,
+                        [ffi.Workspace(8), ffi.Workspace(8)], [X]),
+     ValueError, r"args\[1\] \(ptr\): a launch has at most one Workspace"),
+    (lambda: ffi.launch(WS, 1, [jnp.ones(4), ffi.Workspace(8), ffi.Out(0)], [X]),
+     TypeError, r"args\[1\] \(i32\)"),
+])
+def test_workspace_rejects_bad_use(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("kinds, values, workspace_id, match", [
+    ([7], [64], 0, "needs a nonzero workspace_id"),
+    ([0], [0], 5, "no parameter is a workspace"),
+    ([7], [0], 5, r"workspace of 0 bytes is outside"),
+    ([7, 7], [64, 64], 5, "more than one workspace parameter"),
+])
+def test_handler_checks_the_workspace_description(on_cpu, kinds, values, workspace_id, match):
+    k = ffi.Kernel(HASH, "w", params=("ptr",) * len(kinds))
+    call = jax.ffi.ffi_call(ffi.DRY_RUN_TARGET, [jax.ShapeDtypeStruct((8 * len(kinds),), jnp.uint8)],
+                            vmap_method="sequential")
+    attrs = ffi._attributes(k, (1, 1, 1), kinds, values, [])
+    attrs["workspace_id"] = np.int64(workspace_id)
+    operands = [jnp.ones(4)] if 0 in kinds else []
+    with pytest.raises(Exception, match=r"kernel 'w'.*" + match):
+        jax.block_until_ready(call(*operands, **attrs))
+
+
 # --------------------------------------------------------------------------
 # Lowering for the GPU platforms (no GPU needed)
 # --------------------------------------------------------------------------

@@ -244,13 +244,15 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
 def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_dtype, alpha,
             limit, trace=False):
     """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
-    programs, then gemm2's, which wait for gemm1's tiles; one zeroed scratch
-    holds gemm1's split-K sums and counters, y (f32), gemm2's counters, the
-    launch's ticket and gemm1's tiles done per row block. Both gemms run
-    with gemm1's warps, stages and operand order (the table keeps them equal).
+    programs, then gemm2's, which wait for gemm1's tiles; one scratch holds
+    gemm1's split-K sums and counters, y (f32), gemm2's counters, the
+    launch's ticket and a counter per row block. The kernel leaves the
+    scratch all zero, so it is a launcher workspace (ffi.Workspace: zeroed
+    once, no memset before each launch). Both gemms run with gemm1's warps,
+    stages and operand order (the table keeps them equal).
     trace: also return each program's times (moe_decode TRACE): uint32
     [programs, 16], int64 [programs, 8] viewed on the host: start, routed,
-    ready, end (ns), SM."""
+    ready, end (ns), SM; the scratch is then a zeroed result that holds them."""
     ffi = _ffi()
     T, H = x.shape
     E, I, K = w.num_experts, w.intermediate, ids.shape[0] // T
@@ -274,15 +276,17 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
     b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
     b2 = tw if w.b2 is None else w.b2
     trace_off = _pad16(sync_off + 1 + grid_m)  # moe_gemm._trace's offset
-    scratch = trace_off + 16 * grid[0] if trace else sync_off + 1 + grid_m
-    _, s, out = launch(
-        kern, grid,
-        [x, w.w1, w.w1_scale, b1, w.w2, w.w2_scale, b2, ids, tw, ffi.Out(0), ffi.Out(1),
-         ffi.Out(2), T, H, I, E, K, grid_m, cnt1_off, y_off, cnt2_off, sync_off, alpha, limit],
-        [jax.ShapeDtypeStruct((grid_m * BM, I), jnp.bfloat16),
-         jax.ShapeDtypeStruct((scratch,), jnp.float32),
-         jax.ShapeDtypeStruct((T, H), out_dtype)],
-        zero_outputs=(1,), name="moe_decode")
-    if trace:  # int64 fields as uint32 pairs (x64 may be off): view them on the host
-        return out, jax.lax.bitcast_convert_type(s[trace_off:], jnp.uint32).reshape(grid[0], 16)
-    return out
+    inter_type = jax.ShapeDtypeStruct((grid_m * BM, I), jnp.bfloat16)
+    out_type = jax.ShapeDtypeStruct((T, H), out_dtype)
+    args = [x, w.w1, w.w1_scale, b1, w.w2, w.w2_scale, b2, ids, tw, ffi.Out(0), None,
+            ffi.Out(1), T, H, I, E, K, grid_m, cnt1_off, y_off, cnt2_off, sync_off, alpha, limit]
+    if not trace:
+        args[10] = ffi.Workspace(4 * (sync_off + 1 + grid_m))
+        return launch(kern, grid, args, [inter_type, out_type], name="moe_decode")[1]
+    args[10] = ffi.Out(2)
+    _, out, s = launch(kern, grid, args,
+                       [inter_type, out_type,
+                        jax.ShapeDtypeStruct((trace_off + 16 * grid[0],), jnp.float32)],
+                       zero_outputs=(2,), name="moe_decode")
+    # int64 fields as uint32 pairs (x64 may be off): view them on the host
+    return out, jax.lax.bitcast_convert_type(s[trace_off:], jnp.uint32).reshape(grid[0], 16)

@@ -41,15 +41,25 @@ def _block_rows(sid_ptr, sexp_ptr, T, m, BM: tl.constexpr):
 
 
 @triton.jit
-def _direct_rows(ids_ptr, tw_ptr, T, K, E, m, BM: tl.constexpr, NMAX: tl.constexpr):
-    """Block m of the sort contract, computed from topk_ids (its n = T*K <=
-    NMAX entries): experts in order of first appearance, each expert's
-    entries in (token, slot) order, ceil(count / BM) blocks each. Returns
-    rows, tok, slot, row_ok, expert, weight of each row, and the number of
-    blocks in use."""
-    n = T * K
+def _direct_entries(ids_ptr, tw_ptr, n, NMAX: tl.constexpr):
+    """The n <= NMAX routed entries' expert ids (-1 past n) and weights.
+    Loaded apart from _direct_block so that a caller can issue both loads
+    before other round trips (moe_decode's ticket)."""
     i = tl.arange(0, NMAX)
     e = tl.load(ids_ptr + i, mask=i < n, other=-1)
+    w = tl.load(tw_ptr + i, mask=i < n, other=0.0)
+    return e, w
+
+
+@triton.jit
+def _direct_block(e, tw, T, K, E, m, BM: tl.constexpr, NMAX: tl.constexpr):
+    """Block m of the sort contract, computed from the entries' expert ids e
+    and weights tw (_direct_entries; n = T*K <= NMAX of them): experts in
+    order of first appearance, each expert's entries in (token, slot) order,
+    ceil(count / BM) blocks each. Returns rows, tok, slot, row_ok, expert,
+    weight of each row, and the number of blocks in use."""
+    n = T * K
+    i = tl.arange(0, NMAX)
     ok = (i < n) & (e >= 0) & (e < E)
     # A valid id never equals an invalid one, so `same` needs no ok mask:
     # every use below selects valid entries (ok, first) itself.
@@ -64,9 +74,17 @@ def _direct_rows(ids_ptr, tw_ptr, T, K, E, m, BM: tl.constexpr, NMAX: tl.constex
     row_ok = tl.sum(sel.to(tl.int32), 1) > 0
     tok = tl.sum(tl.where(sel, i[None, :] // K, 0), 1)
     slot = tl.sum(tl.where(sel, i[None, :] % K, 0), 1)
-    wgt = tl.sum(tl.where(sel, tl.load(tw_ptr + i, mask=i < n, other=0.0)[None, :], 0.0), 1)
+    wgt = tl.sum(tl.where(sel, tw[None, :], 0.0), 1)
     expert = tl.sum(tl.where(ok & (blk == m) & (dup % BM == 0), e, 0), 0)
     return m * BM + r, tl.where(row_ok, tok, T), slot, row_ok, expert, wgt, tl.sum(nblk, 0)
+
+
+@triton.jit
+def _direct_rows(ids_ptr, tw_ptr, T, K, E, m, BM: tl.constexpr, NMAX: tl.constexpr):
+    """_direct_block of block m, loading the entries from topk_ids and
+    topk_weights (flat)."""
+    e, tw = _direct_entries(ids_ptr, tw_ptr, T * K, NMAX)
+    return _direct_block(e, tw, T, K, E, m, BM, NMAX)
 
 
 @triton.jit
@@ -275,13 +293,15 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
                 A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
                 SPLIT_K: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
-                PAD_SCALES: tl.constexpr):
+                PAD_SCALES: tl.constexpr, CLEAN: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for the BN
     columns n of tile pid_n, H-slice pid_s. SPLIT_K > 1: the slice is added
     into part [T*k, 2I] f32 at each row's entry (token * k + slot: the routed
     entries, fewer than the block rows at decode) and the last of the tile's SPLIT_K programs to
     arrive (count_ptr, the tile's int32 counter) applies the epilogue; part
-    and the counters start at 0. Returns whether this program stored the tile."""
+    and the counters start at 0, and CLEAN: that program leaves them at 0
+    again (a workspace, ffi.Workspace). Returns whether this program stored
+    the tile."""
     e = expert.to(tl.int64)
     entry = tl.where(row_ok, entry, 0)  # padding rows' sentinel tokens index nothing
     # Accumulator column j holds gate (j even) or up (j odd) of n = n0 + j // 2.
@@ -313,6 +333,10 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     if last:
         if SPLIT_K > 1:
             acc = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
+            if CLEAN:
+                tl.debug_barrier()  # every thread has read its sums
+                tl.store(part, tl.zeros_like(acc), mask=ok)
+                tl.store(count_ptr, 0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * (2 * I) + w_row, mask=w_row_ok, other=0.0)[None, :]
         g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
@@ -354,7 +378,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
         _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows,
                     tok * TOPK + slot, tok, row_ok, expert, tl.program_id(0), tl.program_id(2),
                     H, I, swiglu_alpha, swiglu_limit, BM, BN, BK, A_FMT, OUT_FMT, ACT,
-                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES)
+                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES, False)
 
 
 # ---------------------------------------------------------------------------
@@ -415,20 +439,16 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
 
 @triton.jit
 def _store_cast(y_ptr, out_ptr, T, H, pid_n, BN: tl.constexpr, CAST_T: tl.constexpr):
-    """out[:, tile] = y[:, tile] in out's dtype, for column tile pid_n."""
+    """out[:, tile] = y[:, tile] in out's dtype, for column tile pid_n; y's
+    tile is left at 0 (a workspace)."""
     t = tl.arange(0, CAST_T)
     cols = pid_n * BN + tl.arange(0, BN)
     offs = t[:, None] * H + cols[None, :]
     m = (t < T)[:, None] & (cols < H)[None, :]
     v = tl.load(y_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _backoff(x):
-    """x, after the thread sleeps ~0.25 us (polling without flooding L2)."""
-    return tl.inline_asm_elementwise("nanosleep.u32 256;\nmov.b32 $0, $1;", "=r,r", [x],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()  # every thread has read its part of y
+    tl.store(y_ptr + offs, tl.zeros_like(v), mask=m)
 
 
 @triton.jit
@@ -450,14 +470,21 @@ def _trace(scratch_ptr, sync_off, grid_m, ticket, field, x):
         tl.store(ptr + 4, sm.to(tl.int64))
 
 
+# Spin until the int32 at $1 reaches $2: an acquire load per poll (it pairs
+# with the releases that counted up to it, so no separate acquire is needed
+# once the target is seen), ~0.25 us of sleep between polls (without
+# flooding L2 with requests).
+WAIT_AT_LEAST_ASM: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p;\nspin:\nld.acquire.gpu.global.b32 $0, [$1];\nsetp.lt.s32 p, $0, $2;\n"
+    "@p nanosleep.u32 256;\n@p bra spin;\n}")
+
+
 @triton.jit
 def _wait_at_least(ptr, target):
-    """Spin until the int32 at ptr reaches target, then acquire (pairs with
-    the releases that counted up to it)."""
-    c = tl.load(ptr, volatile=True)
-    while c < target:
-        c = _backoff(tl.load(ptr, volatile=True))
-    tl.atomic_add(ptr, 0, sem="acquire")
+    """The int32 at ptr once it is >= target (acquire: what its writers
+    released before counting up to it is visible after)."""
+    return tl.inline_asm_elementwise(WAIT_AT_LEAST_ASM, "=r,l,r", [ptr, target], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -487,15 +514,23 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     program to add into a column tile (a counter per tile) writes that tile
     of out in out's dtype.
 
-    scratch (f32 / int32, zeroed by the caller): gemm1's split-K partial sums
-    [T * TOPK, 2I] at 0, its tile counters at cnt1_off, y [T, H] at y_off,
-    gemm2's column-tile counters at cnt2_off, then the ticket and the
-    tiles-done counter of each row block at sync_off.
+    scratch (f32 / int32, all zero at the start): gemm1's split-K partial
+    sums [T * TOPK, 2I] at 0, its tile counters at cnt1_off, y [T, H] at
+    y_off, gemm2's column-tile counters at cnt2_off, then the ticket and a
+    counter per row block at sync_off (gemm1's tiles done, then gemm2's
+    programs past their wait). Each of them is set back to 0 by its last
+    user, so the launch leaves the scratch as it found it: it can be a
+    workspace (ffi.Workspace) instead of a result zeroed before every launch.
+    The TRACE fields after it are written whole.
     inter [grid_m * BM, I] bf16 is gemm1's output.
     TRACE (profiling, bench/trace_decode.py): each program's start, routed,
     ready (gemm2: its wait is over) and end times and its SM, after sync."""
     sync = (scratch_ptr + sync_off).to(tl.pointer_type(tl.int32))
+    # The routing loads go out before the ticket's round trip, not after it.
+    ids, tws = _direct_entries(ids_ptr, tw_ptr, T * TOPK, NMAX)
     ticket = tl.atomic_add(sync, 1, sem="relaxed")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(sync, 0)  # every ticket is taken
     if TRACE:
         _trace(scratch_ptr, sync_off, grid_m, ticket, 0, ticket)
     n1 = tl.cdiv(I, BN1)
@@ -508,8 +543,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     pid_n = q % nn
     pid_s = (q // nn) % ns
     m = q // (nn * ns)
-    rows, tok, slot, row_ok, expert, wgt, live = _direct_rows(ids_ptr, tw_ptr, T, TOPK, E, m,
-                                                              BM, NMAX)
+    rows, tok, slot, row_ok, expert, wgt, live = _direct_block(ids, tws, T, TOPK, E, m, BM, NMAX)
     if TRACE:
         _trace(scratch_ptr, sync_off, grid_m, ticket, 1, live + expert)
     y_ptr = scratch_ptr + y_off
@@ -520,7 +554,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                                  rows, tok * TOPK + slot, tok, row_ok, expert, pid_n, pid_s, H,
                                  I, swiglu_alpha, swiglu_limit, BM, BN1, BK1, A_FMT, OUT_FMT,
                                  ACT, INTERLEAVED, HAS_BIAS1, SWAP, SPLIT1, FOLD, EVEN_K1,
-                                 PAD_SCALES)
+                                 PAD_SCALES, True)
             if stored:
                 # The tile's stores are in before it is counted (release).
                 tl.debug_barrier()
@@ -528,6 +562,9 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     else:
         if m < live:
             _wait_at_least(sync + 1 + m, n1)
+            # Counted past the wait (the counter only grows while others
+            # wait on it): the block's last gemm2 program resets it.
+            passed = tl.atomic_add(sync + 1 + m, 1, sem="relaxed")
             if TRACE:
                 _trace(scratch_ptr, sync_off, grid_m, ticket, 2, ticket)
             acc, cols, col_ok = _gemm2_tile(inter_ptr, w2_ptr, w2s_ptr, b2_ptr, rows, row_ok,
@@ -542,6 +579,9 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
             count2 = (scratch_ptr + cnt2_off).to(tl.pointer_type(tl.int32)) + pid_n
             if tl.atomic_add(count2, 1, sem="acq_rel") == live * SPLIT2 - 1:
                 _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)
+                tl.store(count2, 0)
+            if passed == n1 + n2 * SPLIT2 - 1:
+                tl.store(sync + 1 + m, 0)
         elif (live == 0) & (m == 0) & (pid_s == 0):
             _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)  # no entry: y stays 0
     if TRACE:
