@@ -1,7 +1,7 @@
 """Block configurations compared on the device, in one process: each candidate
 replaces the config table with a single regime, and the bench times this
 package's moe (ours only) at the given T.
-usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[@WARPS][%NREG][/S1x S2][,...]"""
+usage: python3 bench/sweep.py PRESET QUANT T[,T...] CANDIDATE[@WARPS][/S1xS2][,...]"""
 
 import re
 import sys
@@ -36,7 +36,7 @@ CANDIDATES = {
     "e_k64s4": (16, G(32, 64, 2, 2, 4), G(64, 64, 2, 2, 4)),
     "e_n16k64s4": (16, G(16, 64, 2, 2, 4), G(32, 64, 2, 2, 4)),
     "e_w4n64k64": (16, G(64, 64, 2, 4, 3), G(128, 64, 2, 4, 3)),
-    "e8": (8, G(32, 128, 2, 2, 3), G(64, 128, 2, 2, 3)),
+    "e8": (8, G(32, 128, 2, 2, 3, fuse_x_quant=False), G(64, 128, 2, 2, 3)),
     "e32": (32, G(32, 128, 2, 2, 3), G(64, 128, 2, 2, 3)),
     "e64": (64, G(32, 128, 2, 4, 3), G(64, 128, 2, 4, 3)),
     "e64w2": (64, G(32, 64, 2, 2, 3), G(64, 64, 2, 2, 3)),
@@ -61,20 +61,18 @@ CANDIDATES = {
 
 def main(preset, quant, tokens, names):
     ceilings = None
-    defaults = (cuda_kernels.WARPS_PER_SM, cuda_kernels.DECODE_MAXNREG)
     split_k = cuda_kernels._split_k
     for name in names:
-        # NAME[@W][%R][/S1xS2]: split-K sized for W warps per SM instead of
-        # the table's; moe_decode capped at R registers instead of the
-        # table's; gemm1 and gemm2 split into S1 and S2 K slices whatever T
-        base, warps, nreg, s1, s2 = re.fullmatch(
-            r"([^@%/]+)(?:@(\d+))?(?:%(\d+))?(?:/(\d+)x(\d+))?", name).groups()
+        # NAME[@W][/S1xS2]: W warps per SM (split-K sizing, and moe_decode's
+        # register cap) instead of 12; gemm1 and gemm2 split into S1 and S2 K
+        # slices whatever T
+        base, warps, s1, s2 = re.fullmatch(
+            r"([^@/]+)(?:@(\d+))?(?:/(\d+)x(\d+))?", name).groups()
         bm, g1, g2 = CANDIDATES[base]
         cuda_kernels._split_k = split_k if s1 is None else (
-            lambda ctas, cfg, K, g1=g1, s=(int(s1), int(s2)): s[0] if cfg == g1 else s[1])
-        cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2),)
-        cuda_kernels.WARPS_PER_SM = int(warps) if warps else defaults[0]
-        cuda_kernels.DECODE_MAXNREG = int(nreg) if nreg else defaults[1]
+            lambda ctas, cfg, K, warps, g1=g1, s=(int(s1), int(s2)): s[0] if cfg == g1 else s[1])
+        # one regime, open to every path (BM 8 only routes without a sort)
+        cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2, int(warps) if warps else 12),)
         cuda_kernels.get_kernel.cache_clear()
         jax.clear_caches()
         try:

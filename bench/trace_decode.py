@@ -22,7 +22,7 @@ def main(preset, T, quant="a16w4"):
     E, I, H, K = p.num_experts, p.intermediate, p.hidden, p.top_k
     n = T * K
     assert n <= cuda_kernels.DIRECT_MAX, "decode sizes only (one moe_decode launch)"
-    cfg = cuda_kernels.choose_config(T, K, E, H, I, deterministic=False)
+    cfg = cuda_kernels.choose_config(T, K, E, H, I, deterministic=False, direct=True)
     grid_m = cuda.max_blocks(n, E, cfg.block_m)
     fmt = cuda._ACT_FORMAT[quant]
     fold = w.scale_max is not None and w.scale_max <= cuda_kernels.FOLD_MAX_SCALE_BYTE

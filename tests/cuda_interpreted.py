@@ -186,9 +186,9 @@ def _run_moe(c):
                                        dtype=getattr(jnp, c["dtype"]))
     if c.get("ids") is not None:
         ids = jnp.asarray(c["ids"], jnp.int32)
-    _, bm, g1, g2 = cuda_kernels._REGIMES[c["regime"]]
+    _, bm, g1, g2, warps = cuda_kernels._REGIMES[c["regime"]]
     cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
-                                 dataclasses.replace(g2, split_k=c["split"]))
+                                 dataclasses.replace(g2, split_k=c["split"]), warps)
     cuda.choose_config = lambda *a, cfg=cfg, **k: cfg
     y = cuda.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"],
                  deterministic=c["deterministic"])

@@ -36,8 +36,8 @@ CASES = {
                                                     activation="silu", gate_up="separated",
                                                     bias=False),
     "decode T=7 deterministic": dict(T=7, regime=0, split=1, deterministic=True),
-    "decode T=3, scale bytes unknown (2**126 not folded)": dict(T=3, regime=0, split=2,
-                                                                scale_max="unknown"),
+    "decode T=3 BM 16, scale bytes unknown (2**126 not folded)": dict(
+        T=3, regime=1, split=2, scale_max="unknown"),
     "decode K not a multiple of the K step, split 2, sm90 layout": dict(
         T=6, regime=0, split=2, shape="ODD_K", layout="sm90"),
     "decode ids out of range and repeated": dict(T=5, regime=0, split=2,
@@ -47,11 +47,11 @@ CASES = {
                                                                           split=2),
     "decode no valid id": dict(T=3, regime=0, split=2, ids=[[8] * 4] * 3),
     "decode f16 in and out": dict(T=3, regime=0, split=1, dtype="float16", quant="a4w4"),
-    "sorted T=20 BM 32, split 2, sm90 layout": dict(T=20, regime=1, split=2, quant="a4w4",
+    "sorted T=20 BM 32, split 2, sm90 layout": dict(T=20, regime=2, split=2, quant="a4w4",
                                                     layout="sm90"),
-    "sorted T=20 BM 64": dict(T=20, regime=2, split=1, activation="silu"),
+    "sorted T=20 BM 64": dict(T=20, regime=3, split=1, activation="silu"),
     "sorted T=20, K not a multiple of the K step, scale bytes unknown": dict(
-        T=20, regime=0, split=2, shape="ODD_K", scale_max="unknown"),
+        T=20, regime=1, split=2, shape="ODD_K", scale_max="unknown"),
     "prefill tiles T=9, sm90 layout": dict(T=9, regime=len(cuda_kernels._REGIMES) - 1,
                                            split=1, quant="a4w4", layout="sm90", shape="ODD_K"),
 }

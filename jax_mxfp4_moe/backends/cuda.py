@@ -62,6 +62,8 @@ def _pow2_at_least(n: int) -> int:
 
 def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=None):
     """The sort contract computed by Triton kernels -> sorting.SortResult."""
+    if block_m not in sorting.BLOCK_SIZES:
+        raise ValueError(f"block_m: expected one of {sorting.BLOCK_SIZES}, got {block_m}")
     ffi = _ffi()
     T, K = topk_ids.shape
     E = num_experts
@@ -172,11 +174,11 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     K = topk_ids.shape[1]
     E, I = w.num_experts, w.intermediate
     n = T * K
-    cfg = choose_config(T, K, E, H, I, deterministic=deterministic)
+    direct = n <= DIRECT_MAX and expert_mask is None
+    cfg = choose_config(T, K, E, H, I, deterministic=deterministic, direct=direct)
     BM = cfg.block_m
     g1, g2 = cfg.gemm1, cfg.gemm2
     grid_m = max_blocks(n, E, BM)
-    direct = n <= DIRECT_MAX and expert_mask is None
     fmt = _ACT_FORMAT[quant]
     a_fmt = fmt
     if fmt and not g1.fuse_x_quant:
@@ -264,7 +266,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
     sync_off = _pad16(cnt2_off + n2)
     grid = (n1 * grid_m * g1.split_k + n2 * grid_m * g2.split_k, 1, 1)
     kern = kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps, num_stages=g1.num_stages,
-                  maxnreg=cuda_kernels.DECODE_MAXNREG,
+                  maxnreg=cfg.decode_maxnreg,
                   x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                   out_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name],
                   BM=BM, BN1=g1.block_n, BK1=g1.block_k, SPLIT1=g1.split_k, BN2=g2.block_n,

@@ -199,54 +199,78 @@ class MoEConfig:
     block_m: int
     gemm1: GemmConfig
     gemm2: GemmConfig
+    # Warps per SM the decode regimes aim for: split-K sizes the grid to it,
+    # and moe_decode (both gemms in one kernel) is capped at the registers
+    # that let that many warps fit (decode_maxnreg).
+    warps_per_sm: int = 12
+
+    @property
+    def decode_maxnreg(self) -> int:
+        return decode_maxnreg(self.warps_per_sm)
+
+
+def decode_maxnreg(warps_per_sm: int) -> int:
+    """Registers per thread that let warps_per_sm warps share an SM's 64K."""
+    return 65536 // (warps_per_sm * 32) // 8 * 8
 
 
 # Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
 # is the balanced expectation), from sweeps on an H100 (bench/sweep.py,
 # bench/NOTES.md). Small r streams weights (memory bound): weight rows on the
 # MMA's M side (SWAP=2: the cheap elementwise fp4 upcast), token blocks of
-# 16-64 rows, 2-warp mma.sync tiles (a 4-warp wgmma tile waits on shared
-# memory: ~2x slower at T=8) and split-K when too few CTAs would stream the
-# weights. Large r is compute bound: 128 token rows x 128 W rows per 4-warp
-# CTA, triton's dot_scaled upcast. In the MX modes x is quantised once by a
-# pre-pass rather than once per N tile in gemm1's loop (which costs as much as
-# the weight upcast at BM=16, and spills with split-K). Every loop is
-# software-pipelined 3 deep (cp.async).
+# 8-64 rows (8 is one mma.sync n8 tile: at r <= 2 a block rarely holds more,
+# and the smaller x operand takes a tenth of the decode loop's instructions
+# and ~40 registers off), 2-warp mma.sync tiles (a 4-warp wgmma tile waits on
+# shared memory: ~2x slower at T=8) and split-K sized so that every SM holds
+# about warps_per_sm warps of weight streams (a program's K step is bound by
+# its own instruction latency, so more programs per SM stream more; too many
+# K slices cost partial sums, too few leave SMs with fewer programs). Large r
+# is compute bound: 128 token rows x 128 W rows per 4-warp CTA, triton's
+# dot_scaled upcast. In the MX modes x is quantised once by a pre-pass rather
+# than once per N tile in gemm1's loop (which costs as much as the weight
+# upcast at BM=16, and spills with split-K). Every loop is software-pipelined
+# 3 deep (cp.async). The 8-row regime aims for 18 warps per SM: moe_decode
+# capped at 112 registers (no spills in its K loops), of which an H100 runs
+# 8 programs per SM (bench/trace_decode.py), with split-K sized for 9; that
+# sizing measured best (gpt-oss-120b and deepseek-v3 at T=1, bench/NOTES.md).
 _REGIMES = (
-    # (max rows per expert, BM, gemm1, gemm2)
-    (16, 16, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3)),
-    (32, 32, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3)),
-    (64, 64, GemmConfig(32, 128, 2, 4, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 4, 3)),
+    # (max rows per expert, BM, gemm1, gemm2, warps per SM)
+    (2, 8, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3), 18),
+    (16, 16, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3),
+     12),
+    (32, 32, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3),
+     12),
+    (64, 64, GemmConfig(32, 128, 2, 4, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 4, 3),
+     12),
     (math.inf, 128, GemmConfig(64, 64, 0, 4, 3, fuse_x_quant=False),
-     GemmConfig(128, 64, 0, 4, 3)),
+     GemmConfig(128, 64, 0, 4, 3), 12),
 )
 
-# Warps per SM that keep the weight streams busy in the decode regimes (2-warp
-# CTAs at ~160 registers fit 6 per SM): split-K aims for this many.
-WARPS_PER_SM = 12
-# moe_decode holds both gemms (184 registers uncapped, 5 CTAs per SM): capped
-# so that WARPS_PER_SM warps fit the 64K registers (168: no spills, triton 3.6).
-DECODE_MAXNREG = 65536 // (WARPS_PER_SM * 32) // 8 * 8
 
-
-def _split_k(ctas: int, cfg: GemmConfig, K: int) -> int:
-    """K slices per tile so that about WARPS_PER_SM warps per SM run, each
+def _split_k(ctas: int, cfg: GemmConfig, K: int, warps_per_sm: int) -> int:
+    """K slices per tile so that about warps_per_sm warps per SM run, each
     slice keeping >= 4 K steps; 1 when the grid is already big enough."""
-    target = NUM_SMS * WARPS_PER_SM // cfg.num_warps
+    target = NUM_SMS * warps_per_sm // cfg.num_warps
     return max(1, min(8, target // max(ctas, 1), K // cfg.block_k // 4))
 
 
-def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool) -> MoEConfig:
+def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool,
+                  direct: bool = False) -> MoEConfig:
+    """The block configuration for a layer call; direct: the kernels route
+    from topk_ids themselves (no sort), which 8-row blocks need (the sort
+    contract's blocks are sorting.BLOCK_SIZES rows)."""
+    from .. import sorting
+
     rows_per_expert = T * k / max(E, 1)
-    for max_rows, bm, g1, g2 in _REGIMES:
-        if rows_per_expert <= max_rows:
+    for max_rows, bm, g1, g2, warps in _REGIMES:
+        if rows_per_expert <= max_rows and (direct or bm in sorting.BLOCK_SIZES):
             break
     # Split-K adds partial sums atomically (in no fixed order): not when the
     # caller asks for a deterministic result.
     if not deterministic:
         blocks = min(E, T * k) + T * k // bm  # expected active row blocks
         g1 = dataclasses.replace(
-            g1, split_k=_split_k(blocks * -(-I // g1.block_n), g1, H))
+            g1, split_k=_split_k(blocks * -(-I // g1.block_n), g1, H, warps))
         g2 = dataclasses.replace(
-            g2, split_k=_split_k(blocks * -(-H // g2.block_n), g2, I))
-    return MoEConfig(bm, g1, g2)
+            g2, split_k=_split_k(blocks * -(-H // g2.block_n), g2, I, warps))
+    return MoEConfig(bm, g1, g2, warps)
