@@ -122,7 +122,7 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
                       SWAP=g1.swap, FOLD=fold, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=nmax,
                       CAST_T=16, out_dtype="fp32",
                       maxnreg=cuda_kernels.decode_maxnreg(warps),
-                      PAD_SCALES=pad, TRACE=False)
+                      PAD_SCALES=pad, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
     k = build(fold, even_k)
     ops = sass_ops(k)
     # Capped at the registers that fit the regime's warps per SM: the K loops
@@ -200,6 +200,21 @@ def test_config_table_properties():
     # moe_decode runs both gemms in one kernel: one warp count, pipeline depth and operand order
     for _, _, g1, g2, _ in _REGIMES:
         assert (g1.num_warps, g1.num_stages, g1.swap) == (g2.num_warps, g2.num_stages, g2.swap)
+
+
+def test_programs_per_sm_and_the_short_last_gemm1_slice():
+    # Hopper's register file: 4 sub-partitions of 16K, 256 per warp at a time
+    # (Nsight Compute's block limits: 6 CTAs at 168 registers, 8 at 112).
+    assert [cuda_kernels.programs_per_sm(r, 2) for r in (168, 128, 112, 96)] == [6, 8, 8, 10]
+    for steps in range(1, 60):
+        for split in range(1, 9):
+            s = cuda_kernels.gemm1_slice_steps(steps, split, programs=100, slots=99)
+            assert cuda_kernels.gemm1_slice_steps(steps, split, programs=99, slots=99) == 0
+            if s:  # every slice but the last s steps; the last non-empty and shorter
+                last = steps - (split - 1) * s
+                assert 0 < last < s, (steps, split, s)
+    # gpt-oss-120b T=1 (H = 22.5 K steps of 128, split 3, 1080 programs for 1056 slots)
+    assert cuda_kernels.gemm1_slice_steps(23, 3, programs=1080, slots=1056) == 9
 
 
 def test_sort_takes_only_the_contracts_block_sizes():

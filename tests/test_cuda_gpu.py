@@ -194,6 +194,25 @@ def test_edge_routings_one_token_one_expert_out_of_range(T):
     accuracy.assert_close(y, reference.moe(x[:1], w, tw[:1], ids[:1], activation="silu", quant="a8w4"))
 
 
+def test_decode_short_last_k_slice_when_programs_outnumber_the_sms(monkeypatch):
+    """moe_decode shortens gemm1's last K slice when its programs outnumber
+    what the SMs hold (here: as if the GPU had one SM); same results."""
+    import dataclasses
+    shape = moe_cases.Shape("long-k", E=8, k=4, H=9 * 128, I=256)
+    w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True, layout="sm90")
+    _, bm, g1, g2, warps = cuda_kernels._REGIMES[0]
+    cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=3),
+                                 dataclasses.replace(g2, split_k=3), warps)
+    monkeypatch.setattr(cuda, "choose_config", lambda *a, **k: cfg)
+    monkeypatch.setattr(cuda_kernels, "NUM_SMS", 1)
+    slots = cuda_kernels.programs_per_sm(cfg.decode_maxnreg, g1.num_warps)
+    assert cuda_kernels.gemm1_slice_steps(9, 3, 8 * 3, slots) == 4  # slices of 4, 4, 1 steps
+    for T in (1, 7):
+        x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
+        ref = reference.moe(x, w.canonical(), tw, ids, activation="swiglu_oai", quant="a16w4")
+        accuracy.assert_close(run(x, w, tw, ids, activation="swiglu_oai", quant="a16w4"), ref)
+
+
 def test_decode_workspace_is_reused_clean_across_routings():
     """moe_decode's scratch is a launcher workspace that each run must leave
     all zero: one jitted layer (one launch site, one workspace) called with

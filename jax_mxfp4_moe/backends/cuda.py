@@ -243,6 +243,12 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     return acc.astype(out_dtype)
 
 
+# moe_decode's row-block counters, int32 apart: one 128-byte line each, since
+# every gemm2 program of a block polls its counter (on one line, ~1000
+# pollers queue at one L2 slice and the wait ends microseconds late).
+_SYNC_STRIDE = 32
+
+
 def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_dtype, alpha,
             limit, trace=False):
     """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
@@ -263,8 +269,13 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
     cnt1_off = _pad16(T * K * 2 * I if g1.split_k > 1 else 0)
     y_off = _pad16(cnt1_off + n1 * grid_m)
     cnt2_off = _pad16(y_off + T * H)
-    sync_off = _pad16(cnt2_off + n2)
+    sync_off = -(-(cnt2_off + n2) // _SYNC_STRIDE) * _SYNC_STRIDE  # line-aligned
+    sync_end = sync_off + _SYNC_STRIDE * (1 + grid_m)
     grid = (n1 * grid_m * g1.split_k + n2 * grid_m * g2.split_k, 1, 1)
+    slots = cuda_kernels.NUM_SMS * cuda_kernels.programs_per_sm(cfg.decode_maxnreg,
+                                                                g1.num_warps)
+    slice1 = cuda_kernels.gemm1_slice_steps(-(-H // g1.block_k), g1.split_k,
+                                            n1 * grid_m * g1.split_k, slots)
     kern = kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps, num_stages=g1.num_stages,
                   maxnreg=cfg.decode_maxnreg,
                   x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
@@ -274,16 +285,17 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
                   INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS1=w.b1 is not None,
                   HAS_BIAS2=w.b2 is not None, SWAP=g1.swap, FOLD=fold,
                   EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
-                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=sm90, TRACE=trace)
+                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=sm90, TRACE=trace,
+                  SLICE1=slice1, SYNC_STRIDE=_SYNC_STRIDE)
     b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
     b2 = tw if w.b2 is None else w.b2
-    trace_off = _pad16(sync_off + 1 + grid_m)  # moe_gemm._trace's offset
+    trace_off = _pad16(sync_end)  # moe_gemm._trace's offset
     inter_type = jax.ShapeDtypeStruct((grid_m * BM, I), jnp.bfloat16)
     out_type = jax.ShapeDtypeStruct((T, H), out_dtype)
     args = [x, w.w1, w.w1_scale, b1, w.w2, w.w2_scale, b2, ids, tw, ffi.Out(0), None,
             ffi.Out(1), T, H, I, E, K, grid_m, cnt1_off, y_off, cnt2_off, sync_off, alpha, limit]
     if not trace:
-        args[10] = ffi.Workspace(4 * (sync_off + 1 + grid_m))
+        args[10] = ffi.Workspace(4 * sync_end)
         return launch(kern, grid, args, [inter_type, out_type], name="moe_decode")[1]
     args[10] = ffi.Out(2)
     _, out, s = launch(kern, grid, args,

@@ -214,6 +214,27 @@ def decode_maxnreg(warps_per_sm: int) -> int:
     return 65536 // (warps_per_sm * 32) // 8 * 8
 
 
+def programs_per_sm(maxnreg: int, num_warps: int) -> int:
+    """CTAs of num_warps warps at maxnreg registers per thread that one
+    Hopper SM holds by registers: each of its 4 sub-partitions has 16K,
+    handed out 256 per warp at a time (112 registers: 4 warps each, so 8
+    2-warp CTAs, as Nsight Compute reports)."""
+    per_warp = -(-maxnreg * 32 // 256) * 256
+    return 4 * (16384 // per_warp) // num_warps
+
+
+def gemm1_slice_steps(steps: int, split: int, programs: int, slots: int) -> int:
+    """K steps per gemm1 slice in moe_decode (0: equal slices). When the
+    programs outnumber the slots the last ones start only as the first end:
+    the last slice (theirs, in ticket order) then takes about 0.6 of a
+    slice, so that they end with the others (gpt-oss-120b T=1: 9, 9, 4.5
+    steps instead of 8, 8, 6.5)."""
+    if split < 2 or programs <= slots:
+        return 0
+    s = -(-5 * steps // (5 * split - 2))
+    return s if (split - 1) * s < steps else 0
+
+
 # Regimes by rows per expert r = T*k/E (routing is unknown at trace time; this
 # is the balanced expectation), from sweeps on an H100 (bench/sweep.py,
 # bench/NOTES.md). Small r streams weights (memory bound): weight rows on the

@@ -293,9 +293,10 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
                 A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
                 SPLIT_K: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
-                PAD_SCALES: tl.constexpr, CLEAN: tl.constexpr):
+                PAD_SCALES: tl.constexpr, CLEAN: tl.constexpr, SLICE_STEPS: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for the BN
-    columns n of tile pid_n, H-slice pid_s. SPLIT_K > 1: the slice is added
+    columns n of tile pid_n, H-slice pid_s (SLICE_STEPS K steps each but the
+    last, which takes the rest; 0: slices as equal as K allows). SPLIT_K > 1: the slice is added
     into part [T*k, 2I] f32 at each row's entry (token * k + slot: the routed
     entries, fewer than the block rows at decode) and the last of the tile's SPLIT_K programs to
     arrive (count_ptr, the tile's int32 counter) applies the epilogue; part
@@ -314,7 +315,10 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
         w_row = 2 * n + up
     else:
         w_row = n + up * I
-    k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
+    if SLICE_STEPS > 0:
+        k_len = SLICE_STEPS * BK
+    else:
+        k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
     acc = _gemm_loop(x_ptr, tok * H, row_ok,
                      w_ptr + e * (2 * I) * (H // 2),
@@ -378,7 +382,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
         _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows,
                     tok * TOPK + slot, tok, row_ok, expert, tl.program_id(0), tl.program_id(2),
                     H, I, swiglu_alpha, swiglu_limit, BM, BN, BK, A_FMT, OUT_FMT, ACT,
-                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES, False)
+                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES, False, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -459,10 +463,10 @@ def _clock(x):
 
 
 @triton.jit
-def _trace(scratch_ptr, sync_off, grid_m, ticket, field, x):
+def _trace(scratch_ptr, sync_off, grid_m, ticket, field, x, SYNC_STRIDE: tl.constexpr):
     """TRACE: the time of this point (field 0 start, 1 routed, 2 ready, 3
     end; 4 is the SM) into int64 [programs, 8] after the scratch's counters."""
-    base = (sync_off + 1 + grid_m + 15) // 16 * 16
+    base = (sync_off + SYNC_STRIDE * (1 + grid_m) + 15) // 16 * 16
     ptr = (scratch_ptr + base).to(tl.pointer_type(tl.int64)) + ticket * 8
     t, sm = _clock(x)
     tl.store(ptr + field, t)
@@ -497,9 +501,11 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                INTERLEAVED: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
                SWAP: tl.constexpr, FOLD: tl.constexpr, EVEN_K1: tl.constexpr,
                EVEN_K2: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr,
-               PAD_SCALES: tl.constexpr, TRACE: tl.constexpr):
+               PAD_SCALES: tl.constexpr, TRACE: tl.constexpr, SLICE1: tl.constexpr,
+               SYNC_STRIDE: tl.constexpr):
     """The layer at decode size in one launch (one custom call, one kernel):
-    both gemms route from topk_ids (_direct_rows; ids_ptr, tw_ptr flat).
+    both gemms route from topk_ids (_direct_entries, _direct_block; ids_ptr,
+    tw_ptr flat).
 
     A 1-D grid of gemm1 programs (n1 * grid_m * SPLIT1) then gemm2 programs
     (n2 * grid_m * SPLIT2), each (column tile, K slice, row block) with the
@@ -517,12 +523,16 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     scratch (f32 / int32, all zero at the start): gemm1's split-K partial
     sums [T * TOPK, 2I] at 0, its tile counters at cnt1_off, y [T, H] at
     y_off, gemm2's column-tile counters at cnt2_off, then the ticket and a
-    counter per row block at sync_off (gemm1's tiles done, then gemm2's
-    programs past their wait). Each of them is set back to 0 by its last
+    counter per row block at sync_off, SYNC_STRIDE int32 apart (gemm1's
+    tiles done, then gemm2's programs past their wait; every gemm2 program
+    of the block polls it, so each has its own cache line). Each of them is set back to 0 by its last
     user, so the launch leaves the scratch as it found it: it can be a
     workspace (ffi.Workspace) instead of a result zeroed before every launch.
     The TRACE fields after it are written whole.
     inter [grid_m * BM, I] bf16 is gemm1's output.
+    SLICE1: K steps of each of gemm1's slices but the last (0: equal slices;
+    cuda._decode shortens the last slice when gemm1's programs outnumber
+    what the SMs hold, so that the last programs to start finish early).
     TRACE (profiling, bench/trace_decode.py): each program's start, routed,
     ready (gemm2: its wait is over) and end times and its SM, after sync."""
     sync = (scratch_ptr + sync_off).to(tl.pointer_type(tl.int32))
@@ -532,7 +542,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     if ticket == tl.num_programs(0) - 1:
         tl.store(sync, 0)  # every ticket is taken
     if TRACE:
-        _trace(scratch_ptr, sync_off, grid_m, ticket, 0, ticket)
+        _trace(scratch_ptr, sync_off, grid_m, ticket, 0, ticket, SYNC_STRIDE)
     n1 = tl.cdiv(I, BN1)
     n2 = tl.cdiv(H, BN2)
     p1 = n1 * grid_m * SPLIT1
@@ -545,7 +555,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
     m = q // (nn * ns)
     rows, tok, slot, row_ok, expert, wgt, live = _direct_block(ids, tws, T, TOPK, E, m, BM, NMAX)
     if TRACE:
-        _trace(scratch_ptr, sync_off, grid_m, ticket, 1, live + expert)
+        _trace(scratch_ptr, sync_off, grid_m, ticket, 1, live + expert, SYNC_STRIDE)
     y_ptr = scratch_ptr + y_off
     if is_gemm1:
         if m < live:
@@ -554,19 +564,19 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                                  rows, tok * TOPK + slot, tok, row_ok, expert, pid_n, pid_s, H,
                                  I, swiglu_alpha, swiglu_limit, BM, BN1, BK1, A_FMT, OUT_FMT,
                                  ACT, INTERLEAVED, HAS_BIAS1, SWAP, SPLIT1, FOLD, EVEN_K1,
-                                 PAD_SCALES, True)
+                                 PAD_SCALES, True, SLICE1)
             if stored:
                 # The tile's stores are in before it is counted (release).
                 tl.debug_barrier()
-                tl.atomic_add(sync + 1 + m, 1, sem="release")
+                tl.atomic_add(sync + SYNC_STRIDE * (1 + m), 1, sem="release")
     else:
         if m < live:
-            _wait_at_least(sync + 1 + m, n1)
+            _wait_at_least(sync + SYNC_STRIDE * (1 + m), n1)
             # Counted past the wait (the counter only grows while others
             # wait on it): the block's last gemm2 program resets it.
-            passed = tl.atomic_add(sync + 1 + m, 1, sem="relaxed")
+            passed = tl.atomic_add(sync + SYNC_STRIDE * (1 + m), 1, sem="relaxed")
             if TRACE:
-                _trace(scratch_ptr, sync_off, grid_m, ticket, 2, ticket)
+                _trace(scratch_ptr, sync_off, grid_m, ticket, 2, ticket, SYNC_STRIDE)
             acc, cols, col_ok = _gemm2_tile(inter_ptr, w2_ptr, w2s_ptr, b2_ptr, rows, row_ok,
                                             expert, wgt, pid_n, pid_s, H, I, BM, BN2, BK2,
                                             SPLIT2, HAS_BIAS2, SWAP, FOLD, EVEN_K2,
@@ -581,9 +591,9 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                 _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)
                 tl.store(count2, 0)
             if passed == n1 + n2 * SPLIT2 - 1:
-                tl.store(sync + 1 + m, 0)
+                tl.store(sync + SYNC_STRIDE * (1 + m), 0)
         elif (live == 0) & (m == 0) & (pid_s == 0):
             _store_cast(y_ptr, out_ptr, T, H, pid_n, BN2, CAST_T)  # no entry: y stays 0
     if TRACE:
         tl.debug_barrier()
-        _trace(scratch_ptr, sync_off, grid_m, ticket, 3, ticket)
+        _trace(scratch_ptr, sync_off, grid_m, ticket, 3, ticket, SYNC_STRIDE)
