@@ -210,7 +210,8 @@ class MoEConfig:
 
 
 def decode_maxnreg(warps_per_sm: int) -> int:
-    """Registers per thread that let warps_per_sm warps share an SM's 64K."""
+    """Registers per thread at which warps_per_sm warps fit an SM's 64K in
+    total (its sub-partitions may hold fewer: programs_per_sm)."""
     return 65536 // (warps_per_sm * 32) // 8 * 8
 
 
