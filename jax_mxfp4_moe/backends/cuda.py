@@ -244,8 +244,9 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
 
 
 # moe_decode's row-block counters, int32 apart: one 128-byte line each, since
-# every gemm2 program of a block polls its counter (on one line, ~1000
-# pollers queue at one L2 slice and the wait ends microseconds late).
+# every gemm2 program of a block polls its counter (with all of them on one
+# line, gemm2's programs got past their wait ~1.5 us later at gpt-oss-120b
+# T=1: bench/NOTES.md, Session 7).
 _SYNC_STRIDE = 32
 
 
