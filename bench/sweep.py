@@ -39,6 +39,7 @@ CANDIDATES = {
     # one row per block (T = 1 only), scales on the f32 block sums
     "g1": (1, G(32, 128, 3, 2, 3, fuse_x_quant=False), G(64, 128, 3, 2, 3)),
     "g1a": (1, G(32, 128, 4, 2, 3, fuse_x_quant=False), G(64, 128, 4, 2, 3)),
+    "g1s4": (1, G(32, 128, 3, 2, 4, fuse_x_quant=False), G(64, 128, 3, 2, 4)),
     "e8": (8, G(32, 128, 2, 2, 3, fuse_x_quant=False), G(64, 128, 2, 2, 3)),
     "e8s4": (8, G(32, 128, 2, 2, 4, fuse_x_quant=False), G(64, 128, 2, 2, 4)),
     "e8w1": (8, G(16, 128, 2, 1, 3, fuse_x_quant=False), G(32, 128, 2, 1, 3)),

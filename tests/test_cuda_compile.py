@@ -70,7 +70,7 @@ def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interl
     k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
                BM=bm, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
                INTERLEAVED=interleaved, HAS_BIAS=bias, SWAP=g1.swap, SPLIT_K=split,
-               FOLD=fmt == 1, EVEN_K=fmt != 2, DIRECT=False, NMAX=1, PAD_SCALES=fmt != 0)
+               FOLD=fmt == 1, EVEN_K=fmt != 2, DIRECT=False, NMAX=1, TILED=fmt != 0)
     ops = sass_ops(k)
     # split-K partial sums are f32 reductions (RED/ATOM), not CAS loops
     red = sum(c for op, c in ops.items() if op.startswith(("RED", "ATOM")))
@@ -93,7 +93,7 @@ def test_gemm2_variants(regime, deterministic):
                BN=g2.block_n,
                BK=g2.block_k, SPLIT_K=1 if deterministic else 2, HAS_BIAS=not deterministic,
                DETERMINISTIC=deterministic, SWAP=g2.swap, FOLD=deterministic,
-               EVEN_K=not deterministic, DIRECT=False, NMAX=1, PAD_SCALES=True)
+               EVEN_K=not deterministic, DIRECT=False, NMAX=1, TILED=True)
     ops = sass_ops(k)
     assert ops["HGMMA" if g2.num_warps >= 4 else "HMMA"] > 0, ops
     assert ops["LDL"] == 0 and ops["STL"] == 0
@@ -122,7 +122,7 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
                       SWAP=g1.swap, FOLD=fold, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=nmax,
                       CAST_T=16, out_dtype="fp32",
                       maxnreg=cuda_kernels.decode_maxnreg(warps),
-                      PAD_SCALES=pad, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
+                      TILED=pad, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
     k = build(fold, even_k)
     ops = sass_ops(k)
     # Capped at the registers that fit the regime's warps per SM: the K loops
@@ -139,8 +139,8 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     with_fold, without = (ops, other) if fold else (other, ops)
     assert with_fold["HMUL2"] < without["HMUL2"], (with_fold["HMUL2"], without["HMUL2"])
     # Canonical scale rows (K/32 bytes: any alignment) are loaded byte by byte
-    # where they are used; the sm90 layout's padded rows are copied ahead
-    # (cp.async) with the weights, whether or not K is a multiple of the K step.
+    # where they are used; the sm90 layout's tiles are copied ahead (cp.async)
+    # with the weights, whether or not K is a multiple of the K step.
     canon = sass_ops(build(fold, even_k, pad=False))
     assert canon["LDG"] > ops["LDG"] and canon["LDGSTS"] < ops["LDGSTS"], (canon, ops)
 
@@ -160,7 +160,7 @@ def test_one_row_decode_scales_block_sums(even_k):
                       OUT_FMT=0, ACT=1, INTERLEAVED=True, HAS_BIAS1=True, HAS_BIAS2=True,
                       SWAP=g1.swap, FOLD=True, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=4,
                       CAST_T=16, maxnreg=cuda_kernels.decode_maxnreg(warps),
-                      PAD_SCALES=True, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
+                      TILED=True, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
     gemv = loop_ops(build(bm, g1, g2, warps))
     rows8 = loop_ops(build(*_REGIMES[0][1:]))
     assert gemv["HMMA"] > 0 and gemv["FFMA"] > 0 and gemv["LDL"] == gemv["STL"] == 0, gemv

@@ -1,6 +1,6 @@
-"""The sm90 weight layout (backends/cuda_layout.py) on CPU: padded scale rows
-round-trip to the canonical arrays, shapes are validated, the kernels' stride
-matches the layout's, and the jnp path reads it."""
+"""The sm90 weight layout (backends/cuda_layout.py) on CPU: 64 x 128 tiles
+round-trip to the canonical arrays, shapes are validated, the kernels'
+offsets find the layout's bytes, and the jnp path reads it."""
 
 import dataclasses
 
@@ -15,23 +15,26 @@ from accuracy import assert_close
 from moe_cases import GPT_OSS_LIKE, ODD_K, make_tokens, make_weights
 
 
-@pytest.mark.parametrize("K", [32, 160, 512, 544, 2048, 2880, 7168])
-def test_scale_rows_are_16_byte_multiples_that_hold_k_over_32(K):
-    n = cuda_layout.scale_row_bytes(K)
-    assert n % 16 == 0 and K // 32 <= n < K // 32 + 16
-
-
 @pytest.mark.parametrize("shape", [GPT_OSS_LIKE, ODD_K])
-def test_pack_pads_scale_rows_with_zeros_and_unpack_inverts(shape):
+def test_pack_tiles_values_and_scales_and_unpack_inverts(shape):
+    """Each 64-row x 128-K tile is contiguous: tile (t, s) row r holds the
+    canonical row 64t + r's bytes of K step s; past N and K, zeros."""
     w = make_weights(shape, gate_up="interleaved", bias=True)
     p = w.to_layout("sm90")
     assert p.layout == "sm90" and p.scale_max == w.scale_max
-    for name, k in (("w1_scale", shape.H), ("w2_scale", shape.I)):
-        a, c = np.asarray(getattr(p, name)), np.asarray(getattr(w, name))
-        assert a.shape == c.shape[:2] + (cuda_layout.scale_row_bytes(k),)
-        np.testing.assert_array_equal(a[..., : k // 32], c)
-        assert not a[..., k // 32:].any()
-    for name in ("w1", "w2", "b1", "b2"):  # the rest is canonical
+    for name, n, k in (("w1", 2 * shape.I, shape.H), ("w2", shape.H, shape.I)):
+        nt, kt = cuda_layout.tiles(n, k)
+        for suffix, row_bytes, per in (("", 64, 2), ("_scale", 4, 32)):
+            a = np.asarray(getattr(p, name + suffix))
+            c = np.asarray(getattr(w, name + suffix))
+            assert a.shape == (shape.E, nt, kt, 64, row_bytes), (name + suffix, a.shape)
+            full = np.zeros((shape.E, nt * 64, kt * row_bytes), np.uint8)
+            full[:, :n, : k // per] = c
+            for t in range(nt):
+                for s in range(kt):
+                    np.testing.assert_array_equal(
+                        a[:, t, s], full[:, 64 * t: 64 * t + 64, row_bytes * s: row_bytes * (s + 1)])
+    for name in ("b1", "b2"):  # canonical
         np.testing.assert_array_equal(np.asarray(getattr(p, name)), np.asarray(getattr(w, name)))
     back = p.canonical()
     for name in ("w1", "w1_scale", "w2", "w2_scale", "b1", "b2"):
@@ -44,38 +47,65 @@ def test_validation_names_a_wrongly_shaped_sm90_array():
     bad = dataclasses.replace(p, w2_scale=p.w2_scale[..., :-1])
     with pytest.raises(ValueError, match="w2_scale"):
         bad.validate()
-    canon_scales = dataclasses.replace(p, w1_scale=make_weights(ODD_K).w1_scale)
-    with pytest.raises(ValueError, match="w1_scale"):
-        canon_scales.validate()
+    canon_values = dataclasses.replace(p, w1=make_weights(ODD_K).w1)
+    with pytest.raises(ValueError, match="w1"):
+        canon_values.validate()
 
 
-def test_kernels_compute_the_layouts_stride():
-    """moe_gemm.scale_stride (run by triton's interpreter) equals the layout's."""
+def test_kernels_address_the_layouts_bytes():
+    """moe_gemm's offsets (run by triton's interpreter) find every byte of
+    canonical and sm90 (TILED) weights: for each row and K step of 128 and
+    64, the values and scales the canonical arrays hold there."""
     pytest.importorskip("triton")
     pytest.importorskip("torch")
+    import json
     import os
     import subprocess
     import sys
-    code = ("import triton, triton.language as tl, torch\n"
+    shape = ODD_K  # N = 2I = 192 and H = 96: neither is a multiple of the tile
+    w = make_weights(shape, gate_up="interleaved")
+    arrays = {}
+    for layout in ("canonical", "sm90"):
+        wl = w.to_layout(layout)
+        arrays[layout] = [np.asarray(wl.w2).ravel().tolist(), np.asarray(wl.w2_scale).ravel().tolist()]
+    code = ("import json, sys, triton, triton.language as tl, torch, importlib\n"
             "from jax_mxfp4_moe.backends.cuda_kernels import kernel_modules\n"
-            "import importlib\n"
             "g = importlib.import_module(kernel_modules().__name__ + '.moe_gemm')\n"
             "@triton.jit\n"
-            "def k(out, K, PAD: tl.constexpr):\n"
-            "    tl.store(out, g.scale_stride(K, PAD))\n"
-            "for K in (32, 160, 544, 2880, 7168):\n"
-            "    for pad in (True, False):\n"
-            "        o = torch.zeros(1, dtype=torch.int32)\n"
-            "        k[(1,)](o, K, pad)\n"
-            "        print(K, int(pad), int(o[0]))\n")
+            "def k(w, s, ow, os_, E, N, K, BK: tl.constexpr, TILED: tl.constexpr):\n"
+            "    e = tl.program_id(0)\n"
+            "    r = tl.arange(0, 256)\n"
+            "    row = tl.minimum(r, N - 1)\n"
+            "    we = w + e * g.w_expert_bytes(N, K, TILED)\n"
+            "    se = s + e * g.s_expert_bytes(N, K, TILED)\n"
+            "    for k0 in range(0, K, BK):\n"
+            "        c = tl.arange(0, BK // 2)\n"
+            "        v = tl.load(we + g._w_row_offsets(row, K, TILED)[:, None] + g._w_step_offset(k0, BK, TILED) + c[None, :])\n"
+            "        tl.store(ow + (e * N + row[:, None]) * (K // 2) + k0 // 2 + c[None, :], v, mask=(r < N)[:, None] & (k0 // 2 + c < K // 2)[None, :])\n"
+            "        b = tl.arange(0, BK // 32)\n"
+            "        v = tl.load(se + g._s_row_offsets(row, K, TILED)[:, None] + g._s_step_offset(k0, BK, TILED) + b[None, :])\n"
+            "        tl.store(os_ + (e * N + row[:, None]) * (K // 32) + k0 // 32 + b[None, :], v, mask=(r < N)[:, None] & (k0 // 32 + b < K // 32)[None, :])\n"
+            "a = json.load(sys.stdin)\n"
+            "E, N, K = a['E'], a['N'], a['K']\n"
+            "for layout, tiled in (('canonical', False), ('sm90', True)):\n"
+            "    for bk in (128, 64):\n"
+            "        ow = torch.zeros(E * N * K // 2, dtype=torch.uint8)\n"
+            "        os_ = torch.zeros(E * N * K // 32, dtype=torch.uint8)\n"
+            "        w, s = (torch.tensor(v, dtype=torch.uint8) for v in a[layout])\n"
+            "        k[(E,)](w, s, ow, os_, E, N, K, BK=bk, TILED=tiled)\n"
+            "        print(json.dumps([layout, bk, ow.tolist(), os_.tolist()]))\n")
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=600, input=json.dumps(dict(E=shape.E, N=shape.H, K=shape.I,
+                                                            **arrays)))
     assert run.returncode == 0, run.stderr[-3000:]
-    got = [tuple(int(v) for v in line.split()) for line in run.stdout.strip().splitlines()]
-    assert len(got) == 10
-    for K, pad, stride in got:
-        assert stride == (cuda_layout.scale_row_bytes(K) if pad else K // 32), (K, pad)
+    got = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    assert len(got) == 4
+    for layout, bk, values, scales in got:
+        np.testing.assert_array_equal(np.asarray(values, np.uint8), np.asarray(w.w2).ravel(),
+                                      err_msg=f"{layout} BK {bk}")
+        np.testing.assert_array_equal(np.asarray(scales, np.uint8),
+                                      np.asarray(w.w2_scale).ravel(), err_msg=f"{layout} BK {bk}")
 
 
 def test_jnp_path_reads_sm90_weights():

@@ -166,8 +166,8 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     if not supports(quant, activation):
         raise ValueError(f"quant/activation: no Triton kernels for {quant!r}/{activation!r}")
     ffi = _ffi()
-    # The kernels read the canonical layout and the sm90 one (padded scale
-    # rows, copied ahead with the weights: faster); any other is converted.
+    # The kernels read the canonical layout and the sm90 one (contiguous
+    # 64 x 128 tiles: faster, cuda_layout.py); any other is converted.
     w = weights if weights.layout == LAYOUT_NAME else weights.canonical()
     sm90 = w.layout == LAYOUT_NAME
     out_dtype = x.dtype
@@ -217,7 +217,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 BM=BM, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
                 INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None,
                 SWAP=g1.swap, SPLIT_K=g1.split_k, FOLD=fold, EVEN_K=H % g1.block_k == 0,
-                DIRECT=direct, NMAX=nmax, PAD_SCALES=sm90)
+                DIRECT=direct, NMAX=nmax, TILED=sm90)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
     part = dummy
     if g1.split_k > 1:  # zeroed: partial sums per routed entry, then a counter per tile
@@ -233,7 +233,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 BM=BM, BN=g2.block_n, BK=g2.block_k, SPLIT_K=g2.split_k,
                 HAS_BIAS=w.b2 is not None, DETERMINISTIC=bool(deterministic), SWAP=g2.swap,
                 FOLD=fold, EVEN_K=I % g2.block_k == 0, DIRECT=direct, NMAX=nmax,
-                PAD_SCALES=sm90)
+                TILED=sm90)
     y_shape = (T, K, H) if deterministic else (T, H)
     (acc,) = launch(k2, grid2,
                     [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2,
@@ -288,7 +288,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
                   INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS1=w.b1 is not None,
                   HAS_BIAS2=w.b2 is not None, SWAP=g1.swap, FOLD=fold,
                   EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
-                  CAST_T=_pow2_at_least(max(T, 16)), PAD_SCALES=sm90, TRACE=trace,
+                  CAST_T=_pow2_at_least(max(T, 16)), TILED=sm90, TRACE=trace,
                   SLICE1=slice1, SYNC_STRIDE=_SYNC_STRIDE)
     b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
     b2 = tw if w.b2 is None else w.b2

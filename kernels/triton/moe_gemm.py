@@ -212,62 +212,120 @@ def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
     return acc
 
 
+# Weight addressing. Canonical: W [E, N, K/2], scales [E, N, K/32]. TILED
+# (the sm90 layout, backends/cuda_layout.py): W [E, N/64, K/128, 64, 64] and
+# scales [E, N/64, K/128, 64, 4], zero-padded to whole 64 x 128 tiles, so a K
+# step over 64 rows is one contiguous block (K steps of at most 128). Byte
+# counts are written as multiples of 16 (K is one of 32) so that triton
+# knows the rows' alignment and copies 16 bytes at a time.
+
 @triton.jit
-def scale_stride(K, PAD_SCALES: tl.constexpr):
-    """Bytes per scale row of a K-long weight row: K/32, or with PAD_SCALES
-    (the sm90 layout, backends/cuda_layout.py) K/32 rounded up to 16, so
-    that every row starts 16-byte aligned and a K step's scales are one
-    vector copy that the pipeliner can issue ahead (cp.async)."""
-    if PAD_SCALES:
-        return tl.cdiv(K, 512) * 16
+def w_expert_bytes(N, K, TILED: tl.constexpr):
+    """Bytes of one expert's packed W [N, K/2]."""
+    if TILED:
+        return tl.cdiv(N, 64) * tl.cdiv(K, 128) * 4096
     else:
-        return K // 32
+        return N * (K // 32 * 16)
+
+
+@triton.jit
+def s_expert_bytes(N, K, TILED: tl.constexpr):
+    """Bytes of one expert's scales [N, K/32]."""
+    if TILED:
+        return tl.cdiv(N, 64) * tl.cdiv(K, 128) * 256
+    else:
+        return N * (K // 32)
+
+
+@triton.jit
+def _w_row_offsets(w_row, K, TILED: tl.constexpr):
+    """Where each W row's packed values start (TILED: in its first tile)."""
+    if TILED:
+        return (w_row // 64) * (tl.cdiv(K, 128) * 4096) + (w_row % 64) * 64
+    else:
+        return w_row * (K // 32 * 16)
+
+
+@triton.jit
+def _w_step_offset(k0, BK: tl.constexpr, TILED: tl.constexpr):
+    """Where a row's packed values of the K step at k0 (a multiple of BK)
+    start, from the row's start."""
+    if TILED:
+        tl.static_assert(128 % BK == 0, "the sm90 layout's K steps are at most 128")
+        if BK == 128:
+            return k0 // 128 * 4096
+        else:
+            return k0 // 128 * 4096 + (k0 // BK % (128 // BK)) * (BK // 2)
+    else:
+        return k0 // 2
+
+
+@triton.jit
+def _s_row_offsets(w_row, K, TILED: tl.constexpr):
+    """Where each W row's scales start (TILED: in its first tile)."""
+    if TILED:
+        return (w_row // 64) * (tl.cdiv(K, 128) * 256) + (w_row % 64) * 4
+    else:
+        return w_row * (K // 32)
+
+
+@triton.jit
+def _s_step_offset(k0, BK: tl.constexpr, TILED: tl.constexpr):
+    """Where a row's scales of the K step at k0 start, from the row's start."""
+    if TILED:
+        if BK == 128:
+            return k0 // 128 * 256
+        else:
+            return k0 // 128 * 256 + (k0 // BK % (128 // BK)) * (BK // 32)
+    else:
+        return k0 // 32
 
 
 @triton.jit
 def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K,
-                BK: tl.constexpr, EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr):
+                BK: tl.constexpr, EVEN_K: tl.constexpr, TILED: tl.constexpr):
     """A [BM, BK], packed W [BN, BK/2] and scales [BN, BK/32] of one K step.
     A's rows that are not kept are masked off (at decode most of the block:
     their copies are not issued); every W row is in bounds (the callers
-    clamp the ones they do not keep), so W is masked only past k_hi, and not
-    at all when K is a multiple of BK (EVEN_K). Padded scale rows are read
-    unmasked: past k_hi they hold padding, which meets W's zeros."""
+    clamp the ones they do not keep), so W and its scales are masked only
+    past k_hi, and not at all when K is a multiple of BK (EVEN_K) or in the
+    sm90 layout (TILED: past k_hi they read the tiles' padding, zeros)."""
     kk = k0 + tl.arange(0, BK)
     a_ptrs = a_ptr + a_row_off[:, None] + kk[None, :]
     if EVEN_K:
         a = tl.load(a_ptrs, mask=a_row_ok[:, None], other=0.0)
     else:
         a = tl.load(a_ptrs, mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
-    w = _load_w(w_ptr, w_row, k0, k_hi, K, BK, EVEN_K)
-    ks = k0 // 32 + tl.arange(0, BK // 32)
-    s_ptrs = ws_ptr + w_row[:, None] * scale_stride(K, PAD_SCALES) + ks[None, :]
-    if EVEN_K or PAD_SCALES:
+    w = _load_w(w_ptr, w_row, k0, k_hi, K, BK, EVEN_K, TILED)
+    ks = tl.arange(0, BK // 32)
+    s_ptrs = (ws_ptr + _s_row_offsets(w_row, K, TILED)[:, None] + _s_step_offset(k0, BK, TILED)
+              + ks[None, :])
+    if EVEN_K or TILED:
         ws = tl.load(s_ptrs)
     else:
-        ws = tl.load(s_ptrs, mask=(ks < k_hi // 32)[None, :], other=0)
+        ws = tl.load(s_ptrs, mask=(k0 // 32 + ks < k_hi // 32)[None, :], other=0)
     return a, w, ws
 
 
 @triton.jit
-def _load_w(w_ptr, w_row, k0, k_hi, K, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """Packed W [BN, BK/2] of one K step (zeros past k_hi). K/2 and k_hi/2
-    are written (K/32)*16 and (k_hi/32)*16 (both are multiples of 32): so
-    triton knows that rows start and end 16-byte aligned, and copies 16
-    bytes at a time."""
-    kp = k0 // 2 + tl.arange(0, BK // 2)
-    w_ptrs = w_ptr + w_row[:, None] * (K // 32 * 16) + kp[None, :]
-    if EVEN_K:
+def _load_w(w_ptr, w_row, k0, k_hi, K, BK: tl.constexpr, EVEN_K: tl.constexpr,
+            TILED: tl.constexpr):
+    """Packed W [BN, BK/2] of one K step (zeros past k_hi: TILED, the
+    padding; else masked, with k_hi/2 written (k_hi/32)*16)."""
+    kp = tl.arange(0, BK // 2)
+    w_ptrs = (w_ptr + _w_row_offsets(w_row, K, TILED)[:, None] + _w_step_offset(k0, BK, TILED)
+              + kp[None, :])
+    if EVEN_K or TILED:
         return tl.load(w_ptrs)
     else:
-        return tl.load(w_ptrs, mask=(kp < k_hi // 32 * 16)[None, :], other=0)
+        return tl.load(w_ptrs, mask=(k0 // 2 + kp < k_hi // 32 * 16)[None, :], other=0)
 
 
 @triton.jit
 def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                A_FMT: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
-               EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr):
+               EVEN_K: tl.constexpr, TILED: tl.constexpr):
     """Sum over k in [k_lo, k_hi) of A[rows, k] * W[w_row, k] -> [BM, BN]
     (rows of A not a_row_ok read as 0); every W row must be in bounds (the
     caller clamps the ones it does not keep and discards their sums).
@@ -281,7 +339,7 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
         acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         a, w, ws = _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K, BK,
-                               EVEN_K, PAD_SCALES)
+                               EVEN_K, TILED)
         if A_FMT == 0:
             a = a.to(tl.bfloat16)
         else:
@@ -315,7 +373,7 @@ def _times_2pow64(x):
 @triton.jit
 def _gemv_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
                BN: tl.constexpr, BK: tl.constexpr, A_SCALED: tl.constexpr,
-               EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr, AHEAD: tl.constexpr):
+               EVEN_K: tl.constexpr, TILED: tl.constexpr, AHEAD: tl.constexpr):
     """_gemm_loop for one row (a_row_off, a_row_ok: [1]) -> [1, BN]: W (raw
     upcast, no scale) on the MMA's M side against an [8, BK] x tile whose
     row j holds the row's K block j of the step (32 elements; BK <= 256) and
@@ -324,7 +382,6 @@ def _gemv_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
     block, where _mx_dot_even_odd multiplies every upcast pair. A_SCALED:
     the row holds x * 2**64 already (gemm1's output, SWAP 3); else the loop
     multiplies it (GEMV_X_SCALE)."""
-    NB: tl.constexpr = BK // 32
     j = tl.arange(0, 8)
     acc = tl.zeros((BN, 8), tl.float32)
     # x's mask: every 8 neighbours agree, so the loads are vector copies that
@@ -332,9 +389,9 @@ def _gemv_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
     in_block = ((tl.arange(0, BK) // 32)[None, :] == j[:, None]) & a_row_ok[:, None]
     # The scales feed no dot, so the pipeliner leaves their loads alone:
     # each step's are loaded one step ahead here instead.
-    s_rows = ws_ptr + w_row[:, None] * scale_stride(K, PAD_SCALES)
+    s_rows = ws_ptr + _s_row_offsets(w_row, K, TILED)[:, None]
     if AHEAD:
-        ws = _load_gemv_scales(s_rows, k_lo, k_hi, j, NB, EVEN_K, PAD_SCALES)
+        ws = _load_gemv_scales(s_rows, k_lo, k_hi, j, BK, EVEN_K, TILED)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         x_ok = in_block
@@ -343,11 +400,11 @@ def _gemv_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
         # (the [1] row offset broadcast, not reduced: triton keeps its alignment)
         x = tl.load(a_ptr + tl.broadcast_to(a_row_off[:, None] + kk[None, :], (8, BK)),
                     mask=x_ok, other=0.0).to(tl.bfloat16)
-        w = _load_w(w_ptr, w_row, k0, k_hi, K, BK, EVEN_K)
+        w = _load_w(w_ptr, w_row, k0, k_hi, K, BK, EVEN_K, TILED)
         if AHEAD:
-            ws_next = _load_gemv_scales(s_rows, k0 + BK, k_hi, j, NB, EVEN_K, PAD_SCALES)
+            ws_next = _load_gemv_scales(s_rows, k0 + BK, k_hi, j, BK, EVEN_K, TILED)
         else:
-            ws = _load_gemv_scales(s_rows, k0, k_hi, j, NB, EVEN_K, PAD_SCALES)
+            ws = _load_gemv_scales(s_rows, k0, k_hi, j, BK, EVEN_K, TILED)
         acc += _gemv_step(x, w, ws, A_SCALED)
         if AHEAD:
             ws = ws_next
@@ -373,16 +430,16 @@ def _gemv_step(x, w, ws, A_SCALED: tl.constexpr):
 
 
 @triton.jit
-def _load_gemv_scales(s_rows, k0, k_hi, j, NB: tl.constexpr, EVEN_K: tl.constexpr,
-                      PAD_SCALES: tl.constexpr):
-    """The scale bytes [BN, 8] of the K step at k0 (block j < NB; 0 elsewhere
-    and when the step starts past k_hi). Padded scale rows (PAD_SCALES) are
-    read whole past k_hi: the padding (0) meets x's zeros there."""
-    ks = k0 // 32 + j
-    ok = (j < NB) & (k0 + 0 * j < k_hi)
-    if not (EVEN_K or PAD_SCALES):
-        ok = ok & (ks < k_hi // 32)
-    return tl.load(s_rows + ks[None, :], mask=ok[None, :], other=0)
+def _load_gemv_scales(s_rows, k0, k_hi, j, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                      TILED: tl.constexpr):
+    """The scale bytes [BN, 8] of the K step at k0 (block j < BK/32; 0
+    elsewhere and when the step starts past k_hi). TILED reads the padding
+    (0) past k_hi, where x is 0."""
+    ok = (j < BK // 32) & (k0 + 0 * j < k_hi)
+    if not (EVEN_K or TILED):
+        ok = ok & (k0 // 32 + j < k_hi // 32)
+    return tl.load(s_rows + _s_step_offset(k0, BK, TILED) + j[None, :], mask=ok[None, :],
+                   other=0)
 
 
 # ---------------------------------------------------------------------------
@@ -396,7 +453,7 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
                 A_FMT: tl.constexpr, OUT_FMT: tl.constexpr, ACT: tl.constexpr,
                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
                 SPLIT_K: tl.constexpr, FOLD: tl.constexpr, EVEN_K: tl.constexpr,
-                PAD_SCALES: tl.constexpr, CLEAN: tl.constexpr, SLICE_STEPS: tl.constexpr):
+                TILED: tl.constexpr, CLEAN: tl.constexpr, SLICE_STEPS: tl.constexpr):
     """out[r, n] = act(x[tok(r)] @ W1[e, (gate|up)(n)]^T + b1) for the BN
     columns n of tile pid_n, H-slice pid_s (SLICE_STEPS K steps each but the
     last, which takes the rest; 0: slices as equal as K allows). SPLIT_K > 1: the slice is added
@@ -423,16 +480,16 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     else:
         k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
-    w_ptr += e * (2 * I) * (H // 32 * 16)
-    ws_ptr += e * (2 * I) * scale_stride(H, PAD_SCALES)
+    w_ptr += e * w_expert_bytes(2 * I, H, TILED)
+    ws_ptr += e * s_expert_bytes(2 * I, H, TILED)
     if SWAP >= 3:
         acc = _gemv_loop(x_ptr, tok * H, row_ok, w_ptr, ws_ptr, w_row, k_lo,
-                         tl.minimum(k_lo + k_len, H), H, 2 * BN, BK, False, EVEN_K, PAD_SCALES,
+                         tl.minimum(k_lo + k_len, H), H, 2 * BN, BK, False, EVEN_K, TILED,
                          SWAP == 4)
     else:
         acc = _gemm_loop(x_ptr, tok * H, row_ok, w_ptr, ws_ptr, w_row, k_lo,
                          tl.minimum(k_lo + k_len, H), H, BM, 2 * BN, BK, A_FMT, SWAP, FOLD,
-                         EVEN_K, PAD_SCALES)
+                         EVEN_K, TILED)
     last = True
     if SPLIT_K > 1:
         part = part_ptr + entry[:, None] * (2 * I) + (pid_n * 2 * BN + j)[None, :]
@@ -478,7 +535,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
               SWAP: tl.constexpr, SPLIT_K: tl.constexpr, FOLD: tl.constexpr,
               EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr,
-              PAD_SCALES: tl.constexpr):
+              TILED: tl.constexpr):
     """gemm1 of the sorted rows (_gemm1_tile), program (n, m, s) = column tile,
     row block, H-slice; ACT 0 = silu, 1 = swiglu_oai; out is [P, I] bf16.
     SPLIT_K > 1: part holds [T*TOPK, 2I] f32 partial sums, then one int32
@@ -492,7 +549,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
         _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr, rows,
                     tok * TOPK + slot, tok, row_ok, expert, tl.program_id(0), tl.program_id(2),
                     H, I, swiglu_alpha, swiglu_limit, BM, BN, BK, A_FMT, OUT_FMT, ACT,
-                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, PAD_SCALES, False, 0)
+                    INTERLEAVED, HAS_BIAS, SWAP, SPLIT_K, FOLD, EVEN_K, TILED, False, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -503,7 +560,7 @@ def moe_gemm1(x_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sexp_ptr, nv_ptr, out_ptr, p
 def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_n, pid_s, H, I,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
-                FOLD: tl.constexpr, EVEN_K: tl.constexpr, PAD_SCALES: tl.constexpr):
+                FOLD: tl.constexpr, EVEN_K: tl.constexpr, TILED: tl.constexpr):
     """wgt(r) * (inter[r] @ W2[e, n]^T [+ b2[e, n] in slice 0]) over I-slice
     pid_s, for the BN columns n of tile pid_n -> (acc [BM, BN], cols, col_ok)."""
     e = expert.to(tl.int64)
@@ -512,16 +569,16 @@ def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_
     k_len = tl.cdiv(tl.cdiv(I, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
     # Columns past H read row H - 1 of W2 (discarded).
-    w_ptr += e * H * (I // 32 * 16)
-    ws_ptr += e * H * scale_stride(I, PAD_SCALES)
+    w_ptr += e * w_expert_bytes(H, I, TILED)
+    ws_ptr += e * s_expert_bytes(H, I, TILED)
     if SWAP >= 3:
         acc = _gemv_loop(inter_ptr, rows * I, row_ok, w_ptr, ws_ptr, tl.minimum(cols, H - 1),
-                         k_lo, tl.minimum(k_lo + k_len, I), I, BN, BK, True, EVEN_K, PAD_SCALES,
+                         k_lo, tl.minimum(k_lo + k_len, I), I, BN, BK, True, EVEN_K, TILED,
                          SWAP == 4)
     else:
         acc = _gemm_loop(inter_ptr, rows * I, row_ok, w_ptr, ws_ptr, tl.minimum(cols, H - 1),
                          k_lo, tl.minimum(k_lo + k_len, I), I, BM, BN, BK, 0, SWAP, FOLD,
-                         EVEN_K, PAD_SCALES)
+                         EVEN_K, TILED)
     if HAS_BIAS:
         if pid_s == 0:
             acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
@@ -535,7 +592,7 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
               DETERMINISTIC: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
               EVEN_K: tl.constexpr, DIRECT: tl.constexpr, NMAX: tl.constexpr,
-              PAD_SCALES: tl.constexpr):
+              TILED: tl.constexpr):
     """gemm2 of the sorted rows (_gemm2_tile), program (n, m, s), added into y
     [T, H] f32 with atomics, or (DETERMINISTIC, SPLIT_K == 1) stored into
     y [T, TOPK, H] f32 at (token, slot)."""
@@ -545,7 +602,7 @@ def moe_gemm2(inter_ptr, w_ptr, ws_ptr, b_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr
     if active:
         acc, cols, col_ok = _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert,
                                         wgt, tl.program_id(0), tl.program_id(2), H, I, BM, BN,
-                                        BK, SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K, PAD_SCALES)
+                                        BK, SPLIT_K, HAS_BIAS, SWAP, FOLD, EVEN_K, TILED)
         ok = row_ok[:, None] & col_ok[None, :]
         if DETERMINISTIC:
             tl.store(y_ptr + (tok * TOPK + slot)[:, None] * H + cols[None, :], acc, mask=ok)
@@ -617,7 +674,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                INTERLEAVED: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
                SWAP: tl.constexpr, FOLD: tl.constexpr, EVEN_K1: tl.constexpr,
                EVEN_K2: tl.constexpr, NMAX: tl.constexpr, CAST_T: tl.constexpr,
-               PAD_SCALES: tl.constexpr, TRACE: tl.constexpr, SLICE1: tl.constexpr,
+               TILED: tl.constexpr, TRACE: tl.constexpr, SLICE1: tl.constexpr,
                SYNC_STRIDE: tl.constexpr):
     """The layer at decode size in one launch (one custom call, one kernel):
     both gemms route from topk_ids (_direct_entries, _direct_block; ids_ptr,
@@ -680,7 +737,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
                                  rows, tok * TOPK + slot, tok, row_ok, expert, pid_n, pid_s, H,
                                  I, swiglu_alpha, swiglu_limit, BM, BN1, BK1, A_FMT, OUT_FMT,
                                  ACT, INTERLEAVED, HAS_BIAS1, SWAP, SPLIT1, FOLD, EVEN_K1,
-                                 PAD_SCALES, True, SLICE1)
+                                 TILED, True, SLICE1)
             if stored:
                 # The tile's stores are in before it is counted (release).
                 tl.debug_barrier()
@@ -696,7 +753,7 @@ def moe_decode(x_ptr, w1_ptr, w1s_ptr, b1_ptr, w2_ptr, w2s_ptr, b2_ptr, ids_ptr,
             acc, cols, col_ok = _gemm2_tile(inter_ptr, w2_ptr, w2s_ptr, b2_ptr, rows, row_ok,
                                             expert, wgt, pid_n, pid_s, H, I, BM, BN2, BK2,
                                             SPLIT2, HAS_BIAS2, SWAP, FOLD, EVEN_K2,
-                                            PAD_SCALES)
+                                            TILED)
             tl.atomic_add(y_ptr + tok[:, None] * H + cols[None, :], acc,
                           mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
             # As in gemm1's split-K: all of this program's adds are in before
