@@ -36,10 +36,6 @@ CANDIDATES = {
     "e_k64s4": (16, G(32, 64, 2, 2, 4), G(64, 64, 2, 2, 4)),
     "e_n16k64s4": (16, G(16, 64, 2, 2, 4), G(32, 64, 2, 2, 4)),
     "e_w4n64k64": (16, G(64, 64, 2, 4, 3), G(128, 64, 2, 4, 3)),
-    # one row per block (T = 1 only), scales on the f32 block sums
-    "g1": (1, G(32, 128, 3, 2, 3, fuse_x_quant=False), G(64, 128, 3, 2, 3)),
-    "g1a": (1, G(32, 128, 4, 2, 3, fuse_x_quant=False), G(64, 128, 4, 2, 3)),
-    "g1s4": (1, G(32, 128, 3, 2, 4, fuse_x_quant=False), G(64, 128, 3, 2, 4)),
     "e8": (8, G(32, 128, 2, 2, 3, fuse_x_quant=False), G(64, 128, 2, 2, 3)),
     "e8s4": (8, G(32, 128, 2, 2, 4, fuse_x_quant=False), G(64, 128, 2, 2, 4)),
     "e8w1": (8, G(16, 128, 2, 1, 3, fuse_x_quant=False), G(32, 128, 2, 1, 3)),
@@ -78,11 +74,7 @@ def main(preset, quant, tokens, names):
         cuda_kernels._split_k = split_k if s1 is None else (
             lambda ctas, cfg, K, warps, g1=g1, s=(int(s1), int(s2)): s[0] if cfg == g1 else s[1])
         # one regime, open to every path (BM 8 only routes without a sort)
-        regime = (float("inf"), bm, g1, g2, int(warps) if warps else 12)
-        cuda_kernels._REGIMES = (regime,)
-        # a one-row candidate is the T = 1 regime (moe_decode only)
-        cuda_kernels._GEMV = regime
-        cuda_kernels.GEMV_MAX_T = 1 if bm == 1 else 0
+        cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2, int(warps) if warps else 12),)
         cuda_kernels.get_kernel.cache_clear()
         jax.clear_caches()
         try:

@@ -145,21 +145,6 @@ def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(x, w, ws, A_SCALED: tl.constexpr):
-    """moe_gemm._gemv_step in f32 without its PTX (as _mx_dot_even_odd): x's
-    2**64 and the raw weights' 2**-126 cancel against the scale's 2**-62."""
-    BK: tl.constexpr = x.shape[1]
-    x = x.to(tl.float32)
-    if not A_SCALED:
-        x = x * 18446744073709551616.0
-    xe, xo = tl.split(tl.reshape(x, (8, BK // 2, 2)))
-    c = w.to(tl.int32)
-    part = tl.dot(_e2m1_value(c & 15), tl.trans(xe))
-    part = tl.dot(_e2m1_value(c >> 4), tl.trans(xo), part)
-    return part * tl.exp2((ws.to(tl.int32) - 127 - 64).to(tl.float32))
-
-
-@triton.jit
 def _wait_at_least(ptr, target):
     """moe_gemm._wait_at_least without its PTX: poll, then acquire."""
     c = tl.load(ptr, volatile=True)
@@ -176,7 +161,6 @@ def install():
     cuda.launch = _launch
     _gemm()._mx_dot_even_odd = _mx_dot_even_odd
     _gemm()._wait_at_least = _wait_at_least
-    _gemm()._gemv_step = _gemv_step
 
 
 def _weights(c):
@@ -202,8 +186,7 @@ def _run_moe(c):
                                        dtype=getattr(jnp, c["dtype"]))
     if c.get("ids") is not None:
         ids = jnp.asarray(c["ids"], jnp.int32)
-    regime = cuda_kernels._GEMV if c["regime"] == "gemv" else cuda_kernels._REGIMES[c["regime"]]
-    _, bm, g1, g2, warps = regime
+    _, bm, g1, g2, warps = cuda_kernels._REGIMES[c["regime"]]
     cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
                                  dataclasses.replace(g2, split_k=c["split"]), warps)
     cuda.choose_config = lambda *a, cfg=cfg, **k: cfg

@@ -145,30 +145,6 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     assert canon["LDG"] > ops["LDG"] and canon["LDGSTS"] < ops["LDGSTS"], (canon, ops)
 
 
-@pytest.mark.parametrize("even_k", [False, True])
-def test_one_row_decode_scales_block_sums(even_k):
-    """The one-row regime (SWAP 3) compiles without spills in its K loops and
-    multiplies far fewer bf16x2 pairs than the 8-row loop (the scales go on
-    the f32 block sums: FFMA), with every weight, x and padded-scale copy
-    16 or 4 bytes wide."""
-    _, bm, g1, g2, warps = cuda_kernels._GEMV
-
-    def build(bm, g1, g2, warps):
-        return kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps,
-                      num_stages=g1.num_stages, BM=bm, BN1=g1.block_n, BK1=g1.block_k,
-                      SPLIT1=2, BN2=g2.block_n, BK2=g2.block_k, SPLIT2=2, A_FMT=0,
-                      OUT_FMT=0, ACT=1, INTERLEAVED=True, HAS_BIAS1=True, HAS_BIAS2=True,
-                      SWAP=g1.swap, FOLD=True, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=4,
-                      CAST_T=16, maxnreg=cuda_kernels.decode_maxnreg(warps),
-                      TILED=True, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
-    gemv = loop_ops(build(bm, g1, g2, warps))
-    rows8 = loop_ops(build(*_REGIMES[0][1:]))
-    assert gemv["HMMA"] > 0 and gemv["FFMA"] > 0 and gemv["LDL"] == gemv["STL"] == 0, gemv
-    assert 4 * gemv["HMUL2"] <= rows8["HMUL2"], (gemv, rows8)
-    assert sum(gemv.values()) < sum(rows8.values()), (gemv, rows8)
-    assert gemv["LDGSTS"] > 0 and gemv["LDG"] <= 4, gemv  # the scales' LDG.E (4 bytes)
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 def test_quant_kernels_compile(fp8):
     k = kernel("mx_quant", "mx_quant", num_warps=4, x_dtype="fp32", BLOCK_R=4, BLOCK_K=256, FP8=fp8)

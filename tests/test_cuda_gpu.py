@@ -213,44 +213,6 @@ def test_decode_short_last_k_slice_when_programs_outnumber_the_sms(monkeypatch):
         accuracy.assert_close(run(x, w, tw, ids, activation="swiglu_oai", quant="a16w4"), ref)
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-def test_one_row_blocks(monkeypatch, quant):
-    """The one-row regime (SWAP 3: a block per routed entry, scales on the
-    f32 block sums), which moe takes at T = 1: forced at T = 1, 2 and 5, K
-    split 1-3 ways, both layouts and a K that is not a multiple of the K
-    step; then one jitted layer (one workspace) over routings with repeated,
-    out-of-range and no valid ids."""
-    import dataclasses
-    _, bm, g1, g2, warps = cuda_kernels._GEMV
-    for shape in (moe_cases.GPT_OSS_LIKE, moe_cases.ODD_K):
-        w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True)
-        for split in (1, 2, 3):
-            cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=split),
-                                         dataclasses.replace(g2, split_k=split), warps)
-            monkeypatch.setattr(cuda, "choose_config", lambda *a, cfg=cfg, **k: cfg)
-            for T in (1, 2, 5):
-                x, tw, ids = moe_cases.make_tokens(shape, T, seed=T + split)
-                ref = reference.moe(x, w, tw, ids, activation="swiglu_oai", quant=quant)
-                for wl in (w, w.to_layout("sm90")):
-                    accuracy.assert_close(run(x, wl, tw, ids, activation="swiglu_oai",
-                                              quant=quant), ref)
-    monkeypatch.undo()
-    shape = moe_cases.GPT_OSS_LIKE
-    w = moe_cases.make_weights(shape, gate_up="separated", bias=False, layout="sm90")
-    assert cuda_kernels.choose_config(1, shape.k, shape.E, shape.H, shape.I, deterministic=False,
-                                      direct=True, gemv=True).block_m == 1
-    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="silu", quant=quant))
-    x, tw, ids = moe_cases.make_tokens(shape, 1, seed=11)
-    for i in [ids, ids.at[0, 1].set(ids[0, 0]), ids.at[0, 2].set(-1).at[0, 3].set(shape.E),
-              jnp.full(ids.shape, shape.E, jnp.int32), jnp.full(ids.shape, 2, jnp.int32), ids]:
-        y = np.asarray(f(x, tw, i).astype(jnp.float32))
-        ref = reference.moe(x, w.canonical(), tw, i, activation="silu", quant=quant)
-        if not np.any(ref):
-            assert not np.any(y)
-        else:
-            accuracy.assert_close(y, ref)
-
-
 def test_decode_workspace_is_reused_clean_across_routings():
     """moe_decode's scratch is a launcher workspace that each run must leave
     all zero: one jitted layer (one launch site, one workspace) called with

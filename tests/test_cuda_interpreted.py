@@ -47,13 +47,6 @@ CASES = {
                                                                           split=2),
     "decode no valid id": dict(T=3, regime=0, split=2, ids=[[8] * 4] * 3),
     "decode f16 in and out": dict(T=3, regime=0, split=1, dtype="float16", quant="a4w4"),
-    "one row per block T=1, split 2, sm90 layout": dict(T=1, regime="gemv", split=2,
-                                                        layout="sm90"),
-    "one row per block T=3 a4w4 silu separated, K not a multiple of the K step, split 3":
-        dict(T=3, regime="gemv", split=3, quant="a4w4", activation="silu",
-             gate_up="separated", bias=False, shape="ODD_K"),
-    "one row per block, ids out of range and repeated": dict(
-        T=2, regime="gemv", split=1, ids=[[1, 1, 9, -2], [3, 1, 3, 7]], layout="sm90"),
     "sorted T=20 BM 32, split 2, sm90 layout": dict(T=20, regime=2, split=2, quant="a4w4",
                                                     layout="sm90"),
     "sorted T=20 BM 64": dict(T=20, regime=3, split=1, activation="silu"),

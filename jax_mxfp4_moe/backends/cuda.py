@@ -21,8 +21,7 @@ from .. import sorting
 from . import cuda_kernels
 from .cuda_layout import NAME as LAYOUT_NAME  # registers the sm90 layout
 from .cuda_kernels import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_CHUNK, SORT_ONE_MAX,
-                           GEMV_MAX_SCALE_BYTE, TRITON_DTYPE, choose_config, kernel,
-                           launch)
+                           TRITON_DTYPE, choose_config, kernel, launch)
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -176,8 +175,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     E, I = w.num_experts, w.intermediate
     n = T * K
     direct = n <= DIRECT_MAX and expert_mask is None
-    gemv = w.scale_max is not None and w.scale_max <= GEMV_MAX_SCALE_BYTE
-    cfg = choose_config(T, K, E, H, I, deterministic=deterministic, direct=direct, gemv=gemv)
+    cfg = choose_config(T, K, E, H, I, deterministic=deterministic, direct=direct)
     BM = cfg.block_m
     g1, g2 = cfg.gemm1, cfg.gemm2
     grid_m = max_blocks(n, E, BM)

@@ -180,9 +180,6 @@ DIRECT_MAX = 32
 # moe_gemm's FOLD (the 2**126 of the raw E2M1 bits carried by the scale,
 # 2**(byte - 1) as a bf16) needs every scale byte <= this.
 FOLD_MAX_SCALE_BYTE = 128
-# moe_gemm's one-row loop (SWAP 3, _gemv_loop) builds 2**(byte - 65) as an
-# f32 exponent field: every scale byte must be <= this.
-GEMV_MAX_SCALE_BYTE = 192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +187,7 @@ class GemmConfig:
     block_n: int      # gemm1: intermediate columns (2x W1 rows); gemm2: H columns
     block_k: int
     swap: int         # operand order / upcast, kernels/triton/moe_gemm.py SWAP:
-                      # 0 tokens on the MMA's M side; 1, 2 weight rows on it (small
-                      # BM); 3 one row per block, its K blocks on the MMA's N side
+                      # 0 tokens on the MMA's M side; 1, 2 weight rows on it (small BM)
     num_warps: int
     num_stages: int   # triton's software pipeline depth (cp.async copies in flight)
     split_k: int = 1  # set by choose_config
@@ -273,14 +269,6 @@ _REGIMES = (
 )
 
 
-# One row per block (moe_gemm SWAP 3) at T = 1: a block per routed entry,
-# the scales applied to f32 block sums (fewer instructions per weight than
-# the 8-row blocks' per-weight scale multiply). Past one token, entries that
-# share an expert would each read its weights.
-GEMV_MAX_T = 1
-_GEMV = (0, 1, GemmConfig(32, 128, 3, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 3, 2, 3), 18)
-
-
 def _split_k(ctas: int, cfg: GemmConfig, K: int, warps_per_sm: int) -> int:
     """K slices per tile so that about warps_per_sm warps per SM run, each
     slice keeping >= 4 K steps; 1 when the grid is already big enough."""
@@ -289,25 +277,20 @@ def _split_k(ctas: int, cfg: GemmConfig, K: int, warps_per_sm: int) -> int:
 
 
 def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool,
-                  direct: bool = False, gemv: bool = False) -> MoEConfig:
+                  direct: bool = False) -> MoEConfig:
     """The block configuration for a layer call; direct: the kernels route
     from topk_ids themselves (no sort), which 8-row blocks need (the sort
-    contract's blocks are sorting.BLOCK_SIZES rows); gemv: moe_decode may run
-    one row per block (_GEMV: its caller knows every scale byte <=
-    GEMV_MAX_SCALE_BYTE), taken up to GEMV_MAX_T tokens."""
+    contract's blocks are sorting.BLOCK_SIZES rows)."""
     from .. import sorting
 
     rows_per_expert = T * k / max(E, 1)
     for max_rows, bm, g1, g2, warps in _REGIMES:
         if rows_per_expert <= max_rows and (direct or bm in sorting.BLOCK_SIZES):
             break
-    if gemv and direct and not deterministic and T <= GEMV_MAX_T:
-        _, bm, g1, g2, warps = _GEMV
     # Split-K adds partial sums atomically (in no fixed order): not when the
     # caller asks for a deterministic result.
     if not deterministic:
-        # expected active row blocks (one per entry at bm = 1)
-        blocks = T * k if bm == 1 else min(E, T * k) + T * k // bm
+        blocks = min(E, T * k) + T * k // bm  # expected active row blocks
         g1 = dataclasses.replace(
             g1, split_k=_split_k(blocks * -(-I // g1.block_n), g1, H, warps))
         g2 = dataclasses.replace(

@@ -21,10 +21,6 @@ SWAP selects the operand order:
   2: as 1, with W upcast by e2m1_even_odd: an elementwise bit-twiddle of the
      packed bytes (no reshuffle of the upcast values through shared memory),
      multiplied against x's even and odd columns in two dots: decode.
-  3: one row per block (BM = 1): as 2, but the MMA's 8 columns hold the
-     row's 32-element K blocks, so the E8M0 scales multiply the f32 sums
-     once per block and row instead of every upcast weight (_gemv_loop); gemm1
-     writes its output times 2**64 for gemm2 (GEMV_X_SCALE).
 """
 
 import triton
@@ -354,94 +350,6 @@ def _gemm_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
     return acc
 
 
-# x times 2**64 (SWAP 3): the raw upcast weights carry 2**-126 (E2M1_EVEN_ODD
-# RAW), and the MMA's f32 products of those with small x would be subnormal;
-# with x * 2**64 they are normal for |x| in [2**-62, 2**63] (x is exact in
-# bf16 either way), and each scale takes back 2**62 (_gemv_loop).
-GEMV_X_SCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
-BF16X2_MUL_2POW64_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 c;\nmov.b32 c, 0x5f805f80;\nmul.rn.bf16x2 $0, $1, c;\n}")
-
-
-@triton.jit
-def _times_2pow64(x):
-    """bf16 x * 2**64, one bf16x2 multiply per pair (exact below 2**64)."""
-    return tl.inline_asm_elementwise(BF16X2_MUL_2POW64_ASM, "=r,r", [x], dtype=tl.bfloat16,
-                                     is_pure=True, pack=2)
-
-
-@triton.jit
-def _gemv_loop(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k_lo, k_hi, K,
-               BN: tl.constexpr, BK: tl.constexpr, A_SCALED: tl.constexpr,
-               EVEN_K: tl.constexpr, TILED: tl.constexpr, AHEAD: tl.constexpr):
-    """_gemm_loop for one row (a_row_off, a_row_ok: [1]) -> [1, BN]: W (raw
-    upcast, no scale) on the MMA's M side against an [8, BK] x tile whose
-    row j holds the row's K block j of the step (32 elements; BK <= 256) and
-    zeros elsewhere, so that the dot's column j is W's sum over block j
-    alone, which its scale then multiplies in f32: one FMA per row and
-    block, where _mx_dot_even_odd multiplies every upcast pair. A_SCALED:
-    the row holds x * 2**64 already (gemm1's output, SWAP 3); else the loop
-    multiplies it (GEMV_X_SCALE)."""
-    j = tl.arange(0, 8)
-    acc = tl.zeros((BN, 8), tl.float32)
-    # x's mask: every 8 neighbours agree, so the loads are vector copies that
-    # the pipeliner issues ahead.
-    in_block = ((tl.arange(0, BK) // 32)[None, :] == j[:, None]) & a_row_ok[:, None]
-    # The scales feed no dot, so the pipeliner leaves their loads alone:
-    # each step's are loaded one step ahead here instead.
-    s_rows = ws_ptr + _s_row_offsets(w_row, K, TILED)[:, None]
-    if AHEAD:
-        ws = _load_gemv_scales(s_rows, k_lo, k_hi, j, BK, EVEN_K, TILED)
-    for k0 in range(k_lo, k_hi, BK):
-        kk = k0 + tl.arange(0, BK)
-        x_ok = in_block
-        if not EVEN_K:
-            x_ok = x_ok & (kk < k_hi // 32 * 32)[None, :]
-        # (the [1] row offset broadcast, not reduced: triton keeps its alignment)
-        x = tl.load(a_ptr + tl.broadcast_to(a_row_off[:, None] + kk[None, :], (8, BK)),
-                    mask=x_ok, other=0.0).to(tl.bfloat16)
-        w = _load_w(w_ptr, w_row, k0, k_hi, K, BK, EVEN_K, TILED)
-        if AHEAD:
-            ws_next = _load_gemv_scales(s_rows, k0 + BK, k_hi, j, BK, EVEN_K, TILED)
-        else:
-            ws = _load_gemv_scales(s_rows, k0, k_hi, j, BK, EVEN_K, TILED)
-        acc += _gemv_step(x, w, ws, A_SCALED)
-        if AHEAD:
-            ws = ws_next
-    return tl.sum(acc, 1)[None, :]
-
-
-@triton.jit
-def _gemv_step(x, w, ws, A_SCALED: tl.constexpr):
-    """A K step of _gemv_loop: the block-diagonal x [8, BK], packed W [BN,
-    BK/2] and scale bytes [BN, 8] -> each row's sum over each block, scaled
-    [BN, 8] f32."""
-    BK: tl.constexpr = x.shape[1]
-    if not A_SCALED:
-        x = _times_2pow64(x)
-    xe, xo = tl.split(tl.reshape(x, (8, BK // 2, 2)))
-    even, odd = e2m1_even_odd(w, True)
-    part = tl.dot(even, tl.trans(xe))
-    part = tl.dot(odd, tl.trans(xo), part)
-    # 2**(byte - 127) * 2**126 (raw E2M1) / 2**64 (x) = 2**(byte - 65):
-    # exponent field byte + 62 (bytes <= 192: cuda_kernels.GEMV_MAX_SCALE_BYTE).
-    scale = ((ws.to(tl.int32) + 62) << 23).to(tl.float32, bitcast=True)
-    return part * scale
-
-
-@triton.jit
-def _load_gemv_scales(s_rows, k0, k_hi, j, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                      TILED: tl.constexpr):
-    """The scale bytes [BN, 8] of the K step at k0 (block j < BK/32; 0
-    elsewhere and when the step starts past k_hi). TILED reads the padding
-    (0) past k_hi, where x is 0."""
-    ok = (j < BK // 32) & (k0 + 0 * j < k_hi)
-    if not (EVEN_K or TILED):
-        ok = ok & (k0 // 32 + j < k_hi // 32)
-    return tl.load(s_rows + _s_step_offset(k0, BK, TILED) + j[None, :], mask=ok[None, :],
-                   other=0)
-
-
 # ---------------------------------------------------------------------------
 # gemm1: x @ W1^T + b1, activation, re-quantisation
 # ---------------------------------------------------------------------------
@@ -482,14 +390,9 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     k_lo = pid_s * k_len
     w_ptr += e * w_expert_bytes(2 * I, H, TILED)
     ws_ptr += e * s_expert_bytes(2 * I, H, TILED)
-    if SWAP >= 3:
-        acc = _gemv_loop(x_ptr, tok * H, row_ok, w_ptr, ws_ptr, w_row, k_lo,
-                         tl.minimum(k_lo + k_len, H), H, 2 * BN, BK, False, EVEN_K, TILED,
-                         SWAP == 4)
-    else:
-        acc = _gemm_loop(x_ptr, tok * H, row_ok, w_ptr, ws_ptr, w_row, k_lo,
-                         tl.minimum(k_lo + k_len, H), H, BM, 2 * BN, BK, A_FMT, SWAP, FOLD,
-                         EVEN_K, TILED)
+    acc = _gemm_loop(x_ptr, tok * H, row_ok, w_ptr, ws_ptr, w_row, k_lo,
+                     tl.minimum(k_lo + k_len, H), H, BM, 2 * BN, BK, A_FMT, SWAP, FOLD, EVEN_K,
+                     TILED)
     last = True
     if SPLIT_K > 1:
         part = part_ptr + entry[:, None] * (2 * I) + (pid_n * 2 * BN + j)[None, :]
@@ -519,8 +422,6 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
             h = g / (1.0 + tl.exp(-swiglu_alpha * g)) * (u + 1.0)
         if OUT_FMT != 0:
             h = mx_fake_quant(h, BM, BN, OUT_FMT == 2)
-        if SWAP >= 3:
-            h = h * GEMV_X_SCALE  # gemm2's x, scaled ahead (_gemv_loop A_SCALED)
         cols = pid_n * BN + tl.arange(0, BN)
         tl.store(out_ptr + rows[:, None] * I + cols[None, :], h.to(tl.bfloat16),
                  mask=row_ok[:, None] & (cols < I)[None, :])
@@ -571,14 +472,8 @@ def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_
     # Columns past H read row H - 1 of W2 (discarded).
     w_ptr += e * w_expert_bytes(H, I, TILED)
     ws_ptr += e * s_expert_bytes(H, I, TILED)
-    if SWAP >= 3:
-        acc = _gemv_loop(inter_ptr, rows * I, row_ok, w_ptr, ws_ptr, tl.minimum(cols, H - 1),
-                         k_lo, tl.minimum(k_lo + k_len, I), I, BN, BK, True, EVEN_K, TILED,
-                         SWAP == 4)
-    else:
-        acc = _gemm_loop(inter_ptr, rows * I, row_ok, w_ptr, ws_ptr, tl.minimum(cols, H - 1),
-                         k_lo, tl.minimum(k_lo + k_len, I), I, BM, BN, BK, 0, SWAP, FOLD,
-                         EVEN_K, TILED)
+    acc = _gemm_loop(inter_ptr, rows * I, row_ok, w_ptr, ws_ptr, tl.minimum(cols, H - 1), k_lo,
+                     tl.minimum(k_lo + k_len, I), I, BM, BN, BK, 0, SWAP, FOLD, EVEN_K, TILED)
     if HAS_BIAS:
         if pid_s == 0:
             acc += tl.load(b_ptr + e * H + cols, mask=col_ok, other=0.0)[None, :]
