@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from .. import sorting
 from . import cuda_kernels
 from .cuda_layout import NAME as LAYOUT_NAME  # registers the sm90 layout
-from .cuda_kernels import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_CHUNK, SORT_ONE_MAX,
-                           TRITON_DTYPE, choose_config, kernel, launch)
+from .cuda_kernels import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_LAYOUT_GROUP, SORT_ONE_MAX,
+                           TRITON_DTYPE, choose_config, kernel, launch, sort_chunk)
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -87,15 +87,17 @@ def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=
                           T, K, E, P, NB],
                          outs + [jax.ShapeDtypeStruct((nbins,), i32)], name="moe_sort_one")
         return sorting.SortResult(*res[:4])
-    nchunk = -(-n // SORT_CHUNK)
+    chunk = sort_chunk(n)
+    nchunk = -(-n // chunk)
     count = kernel("moe_sort", "moe_sort_count", num_warps=4, NBINS=nbins, SUB=128, FILL=1024,
                    HAS_MASK=has_mask)
     sid, sw, counts = launch(
         count, (nchunk, 1, 1),
-        [ids, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, K, E, P, SORT_CHUNK],
+        [ids, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, K, E, P, chunk],
         outs[:2] + [jax.ShapeDtypeStruct((nchunk * nbins,), i32)], name="moe_sort_count")
     layout = kernel("moe_sort", "moe_sort_layout", num_warps=4, BM=block_m, NBINS=nbins,
-                    BLK=64 if nbins <= 256 else 32, HAS_MASK=has_mask)
+                    BLK=64 if nbins <= 256 else 32, HAS_MASK=has_mask,
+                    GROUP=SORT_LAYOUT_GROUP)
     sexp, nv, run = launch(
         layout, (1, 1, 1),
         [counts, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, E, NB, nchunk],
@@ -105,7 +107,7 @@ def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=
     # sid, sw and run are updated in place (operands 3, 4, 5 alias results 0, 1, 2).
     sid, sw, _ = launch(
         scatter, (nchunk, 1, 1),
-        [ids, w, mask, sid, sw, run, T, K, E, SORT_CHUNK],
+        [ids, w, mask, sid, sw, run, T, K, E, chunk],
         [jax.ShapeDtypeStruct((P,), i32), jax.ShapeDtypeStruct((P,), f32),
          jax.ShapeDtypeStruct((nchunk * nbins,), i32)],
         input_output_aliases={3: 0, 4: 1, 5: 2}, name="moe_sort_scatter")

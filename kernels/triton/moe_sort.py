@@ -130,16 +130,23 @@ def moe_sort_count(ids_ptr, mask_ptr, sid_ptr, sw_ptr, counts_ptr, T, K, E, P, C
 @triton.jit
 def moe_sort_layout(counts_ptr, mask_ptr, sexp_ptr, nv_ptr, run_ptr, T, E, NB, NCHUNK,
                     BM: tl.constexpr, NBINS: tl.constexpr, BLK: tl.constexpr,
-                    HAS_MASK: tl.constexpr):
-    """One program: totals -> layout; run_ptr[c, e] = first position of chunk c's entries of e."""
+                    HAS_MASK: tl.constexpr, GROUP: tl.constexpr):
+    """One program: totals -> layout; run_ptr[c, e] = first position of chunk
+    c's entries of e. Reads GROUP chunks' histograms per load (one round trip
+    per group, not per chunk)."""
     bins = tl.arange(0, NBINS)
+    g = tl.arange(0, GROUP)
     counts = tl.zeros((NBINS,), tl.int32)
-    for c in range(0, NCHUNK):
-        counts += tl.load(counts_ptr + c * NBINS + bins)
+    for c0 in range(0, NCHUNK, GROUP):
+        rows = (c0 + g)[:, None] * NBINS + bins[None, :]
+        counts += tl.sum(tl.load(counts_ptr + rows, mask=(c0 + g < NCHUNK)[:, None], other=0), 0)
     base = _layout(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB, BM, NBINS, BLK, HAS_MASK)
-    for c in range(0, NCHUNK):
-        tl.store(run_ptr + c * NBINS + bins, base)
-        base += tl.load(counts_ptr + c * NBINS + bins)
+    for c0 in range(0, NCHUNK, GROUP):
+        rows = (c0 + g)[:, None] * NBINS + bins[None, :]
+        ok = (c0 + g < NCHUNK)[:, None]
+        h = tl.load(counts_ptr + rows, mask=ok, other=0)
+        tl.store(run_ptr + rows, base[None, :] + tl.cumsum(h, 0) - h, mask=ok)
+        base += tl.sum(h, 0)
 
 
 @triton.jit
