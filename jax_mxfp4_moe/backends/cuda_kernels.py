@@ -177,6 +177,8 @@ def sort_chunk(n: int) -> int:
     """Entries per program of the chunked sort of n entries: a power of two
     from 256 up, so that ~32 programs share the work."""
     return max(256, 1 << (-(-n // 32) - 1).bit_length())
+
+
 # Decode: up to this many (token, slot) entries (and no expert mask), the gemm
 # kernels derive their blocks from topk_ids themselves (DIRECT: no sort
 # launch), gemm1 zeroes gemm2's accumulator (no memset) and gemm2's last

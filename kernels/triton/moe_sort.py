@@ -7,8 +7,8 @@ before it): counted per sub-chunk of SUB entries with an all-pairs compare,
 with a running per-expert base kept in a small global scratch row (a CTA
 barrier orders its stores and loads).
 
-Two forms: `moe_sort_one` does everything in one program (decode and small
-prefill: T*k up to a few thousand); for large T, `moe_sort_count` (grid over
+Two forms: `moe_sort_one` does everything in one program (T*k up to
+cuda_kernels.SORT_ONE_MAX); past it, `moe_sort_count` (grid over
 chunks: per-chunk histograms, padding fill) -> `moe_sort_layout` (one program:
 expert offsets, block expert ids, per-chunk bases) -> `moe_sort_scatter`
 (grid over chunks).
