@@ -208,73 +208,48 @@ def _mx_dot(acc, a, w, ws, SWAP: tl.constexpr):
     return acc
 
 
-# Weight addressing. Canonical: W [E, N, K/2], scales [E, N, K/32]. TILED
-# (the sm90 layout, backends/cuda_layout.py): W [E, N/64, K/128, 64, 64] and
-# scales [E, N/64, K/128, 64, 4], zero-padded to whole 64 x 128 tiles, so a K
-# step over 64 rows is one contiguous block (K steps of at most 128). Byte
-# counts are written as multiples of 16 (K is one of 32) so that triton
-# knows the rows' alignment and copies 16 bytes at a time.
+# Weight addressing, of the packed values (ROW_BYTES = VALUE_BYTES per 128 K
+# of a row) and of the scales (SCALE_BYTES). Canonical: W [E, N, K/2],
+# scales [E, N, K/32]. TILED (the sm90 layout, backends/cuda_layout.py):
+# W [E, N/64, K/128, 64, 64] and scales [E, N/64, K/128, 64, 4], zero-padded
+# to whole 64 x 128 tiles, so a K step over 64 rows is one contiguous block
+# (K steps of at most 128). Canonical row lengths are written (K/32) * (bytes
+# per 32 K) so that triton knows the rows' alignment (K is a multiple of 32)
+# and copies 16 bytes at a time.
+VALUE_BYTES: tl.constexpr = tl.constexpr(64)
+SCALE_BYTES: tl.constexpr = tl.constexpr(4)
+
 
 @triton.jit
-def w_expert_bytes(N, K, TILED: tl.constexpr):
-    """Bytes of one expert's packed W [N, K/2]."""
+def expert_bytes(N, K, ROW_BYTES: tl.constexpr, TILED: tl.constexpr):
+    """Bytes of one expert's values or scales (N rows of K)."""
     if TILED:
-        return tl.cdiv(N, 64) * tl.cdiv(K, 128) * 4096
+        return tl.cdiv(N, 64) * tl.cdiv(K, 128) * (64 * ROW_BYTES)
     else:
-        return N * (K // 32 * 16)
+        return N * (K // 32 * (ROW_BYTES // 4))
 
 
 @triton.jit
-def s_expert_bytes(N, K, TILED: tl.constexpr):
-    """Bytes of one expert's scales [N, K/32]."""
+def _row_offsets(w_row, K, ROW_BYTES: tl.constexpr, TILED: tl.constexpr):
+    """Where each W row's values or scales start (TILED: in its first tile)."""
     if TILED:
-        return tl.cdiv(N, 64) * tl.cdiv(K, 128) * 256
+        return (w_row // 64) * (tl.cdiv(K, 128) * (64 * ROW_BYTES)) + (w_row % 64) * ROW_BYTES
     else:
-        return N * (K // 32)
+        return w_row * (K // 32 * (ROW_BYTES // 4))
 
 
 @triton.jit
-def _w_row_offsets(w_row, K, TILED: tl.constexpr):
-    """Where each W row's packed values start (TILED: in its first tile)."""
-    if TILED:
-        return (w_row // 64) * (tl.cdiv(K, 128) * 4096) + (w_row % 64) * 64
-    else:
-        return w_row * (K // 32 * 16)
-
-
-@triton.jit
-def _w_step_offset(k0, BK: tl.constexpr, TILED: tl.constexpr):
-    """Where a row's packed values of the K step at k0 (a multiple of BK)
+def _step_offset(k0, BK: tl.constexpr, ROW_BYTES: tl.constexpr, TILED: tl.constexpr):
+    """Where a row's values or scales of the K step at k0 (a multiple of BK)
     start, from the row's start."""
     if TILED:
         tl.static_assert(128 % BK == 0, "the sm90 layout's K steps are at most 128")
         if BK == 128:
-            return k0 // 128 * 4096
+            return k0 // 128 * (64 * ROW_BYTES)
         else:
-            return k0 // 128 * 4096 + (k0 // BK % (128 // BK)) * (BK // 2)
+            return k0 // 128 * (64 * ROW_BYTES) + (k0 // BK % (128 // BK)) * (BK * ROW_BYTES // 128)
     else:
-        return k0 // 2
-
-
-@triton.jit
-def _s_row_offsets(w_row, K, TILED: tl.constexpr):
-    """Where each W row's scales start (TILED: in its first tile)."""
-    if TILED:
-        return (w_row // 64) * (tl.cdiv(K, 128) * 256) + (w_row % 64) * 4
-    else:
-        return w_row * (K // 32)
-
-
-@triton.jit
-def _s_step_offset(k0, BK: tl.constexpr, TILED: tl.constexpr):
-    """Where a row's scales of the K step at k0 start, from the row's start."""
-    if TILED:
-        if BK == 128:
-            return k0 // 128 * 256
-        else:
-            return k0 // 128 * 256 + (k0 // BK % (128 // BK)) * (BK // 32)
-    else:
-        return k0 // 32
+        return k0 // (128 // ROW_BYTES)
 
 
 @triton.jit
@@ -294,7 +269,7 @@ def _load_tiles(a_ptr, a_row_off, a_row_ok, w_ptr, ws_ptr, w_row, k0, k_hi, K,
         a = tl.load(a_ptrs, mask=a_row_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
     w = _load_w(w_ptr, w_row, k0, k_hi, K, BK, EVEN_K, TILED)
     ks = tl.arange(0, BK // 32)
-    s_ptrs = (ws_ptr + _s_row_offsets(w_row, K, TILED)[:, None] + _s_step_offset(k0, BK, TILED)
+    s_ptrs = (ws_ptr + _row_offsets(w_row, K, SCALE_BYTES, TILED)[:, None] + _step_offset(k0, BK, SCALE_BYTES, TILED)
               + ks[None, :])
     if EVEN_K or TILED:
         ws = tl.load(s_ptrs)
@@ -309,7 +284,7 @@ def _load_w(w_ptr, w_row, k0, k_hi, K, BK: tl.constexpr, EVEN_K: tl.constexpr,
     """Packed W [BN, BK/2] of one K step (zeros past k_hi: TILED, the
     padding; else masked, with k_hi/2 written (k_hi/32)*16)."""
     kp = tl.arange(0, BK // 2)
-    w_ptrs = (w_ptr + _w_row_offsets(w_row, K, TILED)[:, None] + _w_step_offset(k0, BK, TILED)
+    w_ptrs = (w_ptr + _row_offsets(w_row, K, VALUE_BYTES, TILED)[:, None] + _step_offset(k0, BK, VALUE_BYTES, TILED)
               + kp[None, :])
     if EVEN_K or TILED:
         return tl.load(w_ptrs)
@@ -388,8 +363,8 @@ def _gemm1_tile(x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     else:
         k_len = tl.cdiv(tl.cdiv(H, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
-    w_ptr += e * w_expert_bytes(2 * I, H, TILED)
-    ws_ptr += e * s_expert_bytes(2 * I, H, TILED)
+    w_ptr += e * expert_bytes(2 * I, H, VALUE_BYTES, TILED)
+    ws_ptr += e * expert_bytes(2 * I, H, SCALE_BYTES, TILED)
     acc = _gemm_loop(x_ptr, tok * H, row_ok, w_ptr, ws_ptr, w_row, k_lo,
                      tl.minimum(k_lo + k_len, H), H, BM, 2 * BN, BK, A_FMT, SWAP, FOLD, EVEN_K,
                      TILED)
@@ -470,8 +445,8 @@ def _gemm2_tile(inter_ptr, w_ptr, ws_ptr, b_ptr, rows, row_ok, expert, wgt, pid_
     k_len = tl.cdiv(tl.cdiv(I, BK), SPLIT_K) * BK
     k_lo = pid_s * k_len
     # Columns past H read row H - 1 of W2 (discarded).
-    w_ptr += e * w_expert_bytes(H, I, TILED)
-    ws_ptr += e * s_expert_bytes(H, I, TILED)
+    w_ptr += e * expert_bytes(H, I, VALUE_BYTES, TILED)
+    ws_ptr += e * expert_bytes(H, I, SCALE_BYTES, TILED)
     acc = _gemm_loop(inter_ptr, rows * I, row_ok, w_ptr, ws_ptr, tl.minimum(cols, H - 1), k_lo,
                      tl.minimum(k_lo + k_len, I), I, BM, BN, BK, 0, SWAP, FOLD, EVEN_K, TILED)
     if HAS_BIAS:
