@@ -30,7 +30,7 @@ python -m pip install "torch==2.13.0"
 python -m pip install "scikit-build-core>=0.10" "nanobind>=2.0" "jax>=0.5" "jaxlib>=0.5"
 python -m pip install --no-build-isolation -e ".[test,rocm,cuda]"
 
-python -c "import jax_mxfp4_moe.ffi as f; assert f.available(), 'launcher extension missing'"
+python -c "import jax_mxfp4_moe.runtime.ffi as f; assert f.available(), 'launcher extension missing'"
 
 if [ "$run_example" = 1 ] && [ -f examples/quickstart.py ]; then
   python examples/quickstart.py

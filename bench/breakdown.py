@@ -14,8 +14,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jax_mxfp4_moe import bench
-from jax_mxfp4_moe.backends import cuda, cuda_kernels
+from jax_mxfp4_moe.tools import bench
+from jax_mxfp4_moe.cuda import backend as cuda, config as cuda_config
 
 
 def _median(fn, *args):
@@ -31,7 +31,7 @@ def main(preset, quant, tokens, n):
         x = jax.random.normal(jax.random.key(T), (T, p.hidden), jnp.bfloat16)
         ids, tw = bench.random_routings(p, T, n, seed=T)
         ids, tw = jnp.asarray(ids), jnp.asarray(tw)
-        bm = cuda_kernels.choose_config(T, p.top_k, p.num_experts, p.hidden, p.intermediate,
+        bm = cuda_config.choose_config(T, p.top_k, p.num_experts, p.hidden, p.intermediate,
                                         deterministic=False).block_m
         layer = lambda w, x, tw, ids: cuda.moe(x, w, tw, ids, activation=p.activation, quant=quant)
 

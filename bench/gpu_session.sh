@@ -27,20 +27,20 @@ for step in "$@"; do
         | tee "$OUT/presets.log" | tail -30
       ;;
     bench)  # ours only, both presets
-      timeout ${T_BENCH:-300} python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b,deepseek-v3 \
+      timeout ${T_BENCH:-300} python3 -m jax_mxfp4_moe.tools.bench --preset gpt-oss-120b,deepseek-v3 \
         --tokens ${TOKENS:-1,8,64} --baselines none --layout ${LAYOUT:-auto} \
         --json "$OUT/bench_quick_${LAYOUT:-auto}.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench_quick.log"
       ;;
     bench_full)  # each run bounded, so the finished ones always come back. Up to
       # T=512 a rep runs 8 layer calls per jit: Mosaic-GPU compiles 8 layers.
-      B="python3 -m jax_mxfp4_moe.bench"
+      B="python3 -m jax_mxfp4_moe.tools.bench"
       timeout ${T_OSS:-290} $B --preset gpt-oss-120b --quant a16w4 --tokens 1,8,64,512,4096,16384 \
         --json "$OUT/b_oss120_a16.json" 2>&1 | grep -v Warn | tee "$OUT/bench.log"
       timeout ${T_DS:-250} $B --preset deepseek-v3 --quant a16w4 --tokens 1,8,64,512,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
       ;;
     bench_mx)  # MX activations (ours only), and gpt-oss-120b without command buffers
-      B="python3 -m jax_mxfp4_moe.bench"
+      B="python3 -m jax_mxfp4_moe.tools.bench"
       timeout 150 $B --preset gpt-oss-120b,deepseek-v3 --quant a8w4,a4w4 --tokens 1,64,4096 \
         --baselines none --json "$OUT/b_mx.json" 2>&1 | grep -v Warn | tee -a "$OUT/bench.log"
       XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $B --preset gpt-oss-120b \
@@ -53,12 +53,12 @@ for step in "$@"; do
         | grep -v Warn | tee -a "$OUT/sweep.log" | tail -20
       ;;
     bench_oss)
-      timeout ${T_BENCH:-170} python3 -m jax_mxfp4_moe.bench --preset gpt-oss-120b --quant a16w4 \
+      timeout ${T_BENCH:-170} python3 -m jax_mxfp4_moe.tools.bench --preset gpt-oss-120b --quant a16w4 \
         --tokens 1,8,64,512,4096,16384 --json "$OUT/b_oss120_a16.json" 2>&1 | grep -v Warn \
         | grep "T=\|#" | tee "$OUT/bench_oss.log"
       ;;
     bench_ds)
-      timeout ${T_BENCH:-130} python3 -m jax_mxfp4_moe.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
+      timeout ${T_BENCH:-130} python3 -m jax_mxfp4_moe.tools.bench --preset deepseek-v3 --quant a16w4 --tokens 1,64,4096 \
         --json "$OUT/b_ds_a16.json" 2>&1 | grep -v Warn | grep "T=\|#" | tee "$OUT/bench_ds.log"
       ;;
     trace)  # TRACES="PRESET:T[:QUANT] ..." (bench/trace_decode.py): moe_decode's timeline

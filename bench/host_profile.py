@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.profiler import ProfileData
 
-from jax_mxfp4_moe import bench
-from jax_mxfp4_moe.backends import cuda
+from jax_mxfp4_moe.tools import bench
+from jax_mxfp4_moe.cuda import backend as cuda
 
 
 def _forms(preset, quant, T, n):

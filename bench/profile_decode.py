@@ -7,8 +7,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jax_mxfp4_moe import api
-from jax_mxfp4_moe.bench import PRESETS, random_routings, random_weights
+from jax_mxfp4_moe.layer import api
+from jax_mxfp4_moe.tools.bench import PRESETS, random_routings, random_weights
 
 preset, T, quant = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 p = PRESETS[preset]

@@ -8,9 +8,9 @@ import sys
 
 import jax
 
-from jax_mxfp4_moe import bench
-from jax_mxfp4_moe.backends import cuda_kernels
-from jax_mxfp4_moe.backends.cuda_kernels import GemmConfig as G
+from jax_mxfp4_moe.tools import bench
+from jax_mxfp4_moe.cuda import compile as cuda_compile, config as cuda_config
+from jax_mxfp4_moe.cuda.config import GemmConfig as G
 
 # name: (BM, gemm1, gemm2); G(block_n, block_k, swap, num_warps, num_stages)
 CANDIDATES = {
@@ -63,7 +63,7 @@ CANDIDATES = {
 
 def main(preset, quant, tokens, names):
     ceilings = None
-    split_k = cuda_kernels._split_k
+    split_k = cuda_config._split_k
     for name in names:
         # NAME[@W][/S1xS2]: W warps per SM (split-K sizing, and moe_decode's
         # register cap) instead of 12; gemm1 and gemm2 split into S1 and S2 K
@@ -71,11 +71,11 @@ def main(preset, quant, tokens, names):
         base, warps, s1, s2 = re.fullmatch(
             r"([^@/]+)(?:@(\d+))?(?:/(\d+)x(\d+))?", name).groups()
         bm, g1, g2 = CANDIDATES[base]
-        cuda_kernels._split_k = split_k if s1 is None else (
+        cuda_config._split_k = split_k if s1 is None else (
             lambda ctas, cfg, K, warps, g1=g1, s=(int(s1), int(s2)): s[0] if cfg == g1 else s[1])
         # one regime, open to every path (BM 8 only routes without a sort)
-        cuda_kernels._REGIMES = ((float("inf"), bm, g1, g2, int(warps) if warps else 12),)
-        cuda_kernels.get_kernel.cache_clear()
+        cuda_config._REGIMES = ((float("inf"), bm, g1, g2, int(warps) if warps else 12),)
+        cuda_compile.get_kernel.cache_clear()
         jax.clear_caches()
         try:
             res = bench.run(preset, tokens, quant, reps=20, baselines=(), ceilings=ceilings,

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mxfp4_moe.backends import cuda, cuda_kernels
-from jax_mxfp4_moe.bench import PRESETS, random_routings, random_weights
+from jax_mxfp4_moe.cuda import backend as cuda, config as cuda_config
+from jax_mxfp4_moe.tools.bench import PRESETS, random_routings, random_weights
 
 
 def main(preset, T, quant="a16w4"):
@@ -21,11 +21,11 @@ def main(preset, T, quant="a16w4"):
     ids, tw = random_routings(p, T, 4, seed=0)
     E, I, H, K = p.num_experts, p.intermediate, p.hidden, p.top_k
     n = T * K
-    assert n <= cuda_kernels.DIRECT_MAX, "decode sizes only (one moe_decode launch)"
-    cfg = cuda_kernels.choose_config(T, K, E, H, I, deterministic=False, direct=True)
+    assert n <= cuda_config.DIRECT_MAX, "decode sizes only (one moe_decode launch)"
+    cfg = cuda_config.choose_config(T, K, E, H, I, deterministic=False, direct=True)
     grid_m = cuda.max_blocks(n, E, cfg.block_m)
     fmt = cuda._ACT_FORMAT[quant]
-    fold = w.scale_max is not None and w.scale_max <= cuda_kernels.FOLD_MAX_SCALE_BYTE
+    fold = w.scale_max is not None and w.scale_max <= cuda_config.FOLD_MAX_SCALE_BYTE
 
     def layer(w, x, tw, ids):
         xq = cuda._quant_dequant(x, fp8=fmt == 2) if fmt else x

@@ -20,7 +20,6 @@ launcher's does, and must be all zero again after every launch (checked).
 import importlib
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -28,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from jax_mxfp4_moe import ffi
-from jax_mxfp4_moe.backends import cuda, cuda_kernels
+from jax_mxfp4_moe.runtime import ffi
+from jax_mxfp4_moe.cuda import backend as cuda, compile as cuda_compile, config as cuda_config
 
 _TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.int32): torch.int32,
           np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}
@@ -60,7 +59,7 @@ def _empty(sds, zero):
 class _Kernel:
     def __init__(self, module, name, num_warps, constexprs):
         self.fn = getattr(importlib.import_module(
-            f"{cuda_kernels.kernel_modules().__name__}.{module}"), name)
+            f"{cuda_compile.KERNEL_PACKAGE}.{module}"), name)
         self.num_warps, self.constexprs = num_warps, constexprs
 
 
@@ -110,7 +109,7 @@ def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliase
 
 
 def _gemm():
-    return importlib.import_module(f"{cuda_kernels.kernel_modules().__name__}.moe_gemm")
+    return importlib.import_module(f"{cuda_compile.KERNEL_PACKAGE}.moe_gemm")
 
 
 @triton.jit
@@ -186,8 +185,8 @@ def _run_moe(c):
                                        dtype=getattr(jnp, c["dtype"]))
     if c.get("ids") is not None:
         ids = jnp.asarray(c["ids"], jnp.int32)
-    _, bm, g1, g2, warps = cuda_kernels._REGIMES[c["regime"]]
-    cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
+    _, bm, g1, g2, warps = cuda_config._REGIMES[c["regime"]]
+    cfg = cuda_config.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
                                  dataclasses.replace(g2, split_k=c["split"]), warps)
     cuda.choose_config = lambda *a, cfg=cfg, **k: cfg
     y = cuda.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"],

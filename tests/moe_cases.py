@@ -5,7 +5,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mxfp4_moe import prepare_weights, routing
+from jax_mxfp4_moe import prepare_weights
+from jax_mxfp4_moe.layer import routing
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Multi-device checks of jax_mxfp4_moe.parallel, run in one subprocess.
+"""Multi-device checks of jax_mxfp4_moe.layer.parallel, run in one subprocess.
 
 The CPU backend gets 8 virtual devices only if XLA_FLAGS is set before jax
 initialises, which other test modules do first; tests/test_parallel.py runs
@@ -200,8 +200,8 @@ def run_case(c, cache):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     import jax_mxfp4_moe
-    from jax_mxfp4_moe import parallel
-    from jax_mxfp4_moe.weights import prepare_weights
+    from jax_mxfp4_moe.layer import parallel
+    from jax_mxfp4_moe.layer.weights import prepare_weights
 
     rng = np.random.default_rng(zlib.crc32(c["name"].encode()))
     n_dev = c["mesh"][0] * c["mesh"][1]
@@ -324,7 +324,7 @@ def main() -> None:
 
     import jax
 
-    from jax_mxfp4_moe import parallel
+    from jax_mxfp4_moe.layer import parallel
     want = os.environ.get("PARALLEL_CHECKS_PACKAGE")
     if want and os.path.abspath(parallel.__file__) != want:  # e.g. an editable install elsewhere
         raise SystemExit(f"the subprocess imports {parallel.__file__}, the test {want}")

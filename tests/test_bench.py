@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from jax_mxfp4_moe import bench
+from jax_mxfp4_moe.tools import bench
 
 
 def test_tiny_preset_runs_and_writes_json(tmp_path):
@@ -55,7 +55,7 @@ def test_touched_bytes_count_only_distinct_experts():
     ids = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
     io = 2 * 2 * 2 * p.hidden
     assert bench.touched_bytes(p, ids, 2) == 4 * bench.expert_bytes(p) + io
-    # gpt-oss-120b at T=1: DESIGN §6's 19 us roofline at 2.8 TB/s
+    # gpt-oss-120b at T=1: docs/DESIGN.md §6's 19 us roofline at 2.8 TB/s
     t = bench.touched_bytes(p, ids[:1], 1) / 2.8e12
     assert 18e-6 < t < 20e-6
 
@@ -64,7 +64,7 @@ def test_baselines_agree_with_reference_on_cpu():
     """The baselines compute the same layer (so their times compare)."""
     import jax
     import jax.numpy as jnp
-    from jax_mxfp4_moe import reference
+    from jax_mxfp4_moe.numerics import reference
 
     p = bench.PRESETS["tiny"]
     w = bench.random_weights(p, jax.random.key(0))

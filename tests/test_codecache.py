@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_mxfp4_moe import codecache, ffi
+from jax_mxfp4_moe.runtime import codecache, ffi
 
 L = pytest.importorskip("jax_mxfp4_moe._launcher", reason="launcher extension not built")
 
@@ -54,7 +54,9 @@ def test_miss_builds_once_then_hits(cache):
     h2, meta2 = codecache.cached_compile(dict(reversed(list(KEY.items()))), build)
     assert build.calls == 1  # key order does not matter; the hit does not build
     assert (h2, meta2) == (h1, meta1) == (h1, build.meta)
-    assert L.has_code_object(h1)
+    # ffi.cached_compile also hands the bytes to the launcher's store
+    assert ffi.cached_compile(KEY, build) == (h1, meta1) and L.has_code_object(h1)
+    assert build.calls == 1
 
 
 def test_different_keys_are_different_variants(cache):
@@ -66,11 +68,11 @@ def test_different_keys_are_different_variants(cache):
 
 def test_hit_registers_bytes_in_the_launcher_store(cache, monkeypatch):
     build = Builder()
-    h, _ = codecache.cached_compile(KEY, build)
+    h, _ = ffi.cached_compile(KEY, build)
     seen = []
     monkeypatch.setattr(ffi, "register_code_object",
                         lambda code_hash, data: seen.append((code_hash, data)))
-    codecache.cached_compile(KEY, build)
+    ffi.cached_compile(KEY, build)
     assert seen == [(h, build.data)]  # the hit hands the verified bytes over
 
 
@@ -120,7 +122,7 @@ def test_unwritable_cache_still_compiles_and_registers(tmp_path, monkeypatch, ca
     monkeypatch.setenv(codecache.ENV_VAR, str(blocker))
     build = Builder()
     with caplog.at_level(logging.WARNING, logger="jax_mxfp4_moe"):
-        h, meta = codecache.cached_compile(KEY, build)
+        h, meta = ffi.cached_compile(KEY, build)
     assert build.calls == 1 and meta == build.meta
     assert L.has_code_object(h)
     assert any("cannot write" in r.getMessage() for r in caplog.records)

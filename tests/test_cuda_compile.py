@@ -13,9 +13,11 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
-from jax_mxfp4_moe import codecache, sorting  # noqa: E402
-from jax_mxfp4_moe.backends import cuda, cuda_kernels  # noqa: E402
-from jax_mxfp4_moe.backends.cuda_kernels import _REGIMES, choose_config, kernel  # noqa: E402
+from jax_mxfp4_moe.runtime import codecache  # noqa: E402
+from jax_mxfp4_moe.numerics import sorting
+from jax_mxfp4_moe.cuda import backend as cuda, compile as cuda_compile, config as cuda_config  # noqa: E402
+from jax_mxfp4_moe.cuda.compile import kernel
+from jax_mxfp4_moe.cuda.config import _REGIMES, choose_config  # noqa: E402
 
 import moe_cases  # noqa: E402
 
@@ -24,9 +26,9 @@ import moe_cases  # noqa: E402
 def _cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv(codecache.ENV_VAR, str(tmp_path_factory.mktemp("cuda_cache")))
-    cuda_kernels.get_kernel.cache_clear()
+    cuda_compile.get_kernel.cache_clear()
     yield
-    cuda_kernels.get_kernel.cache_clear()
+    cuda_compile.get_kernel.cache_clear()
     mp.undo()
 
 
@@ -121,7 +123,7 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
                       OUT_FMT=0, ACT=1, INTERLEAVED=True, HAS_BIAS1=True, HAS_BIAS2=True,
                       SWAP=g1.swap, FOLD=fold, EVEN_K1=even_k, EVEN_K2=even_k, NMAX=nmax,
                       CAST_T=16, out_dtype="fp32",
-                      maxnreg=cuda_kernels.decode_maxnreg(warps),
+                      maxnreg=cuda_config.decode_maxnreg(warps),
                       TILED=pad, TRACE=False, SLICE1=0, SYNC_STRIDE=32)
     k = build(fold, even_k)
     ops = sass_ops(k)
@@ -165,7 +167,7 @@ def test_pipeline_lowers_for_cuda(T, quant, expected_launches):
                                     expert_mask=None)
     text = jax.jit(f).trace(x, tw, ids).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("jax_mxfp4_moe_launch") == expected_launches  # sort, x quant, gemm1, gemm2
-    direct = T * shape.k <= cuda_kernels.DIRECT_MAX
+    direct = T * shape.k <= cuda_config.DIRECT_MAX
     # decode: one kernel (no sort launch) that writes bf16 itself (no f32 -> bf16 convert)
     assert ("moe_sort" in text) != direct
     assert ("moe_decode" in text) == direct
@@ -205,16 +207,16 @@ def test_config_table_properties():
 def test_programs_per_sm_and_the_short_last_gemm1_slice():
     # Hopper's register file: 4 sub-partitions of 16K, 256 per warp at a time
     # (Nsight Compute's block limits: 6 CTAs at 168 registers, 8 at 112).
-    assert [cuda_kernels.programs_per_sm(r, 2) for r in (168, 128, 112, 96)] == [6, 8, 8, 10]
+    assert [cuda_config.programs_per_sm(r, 2) for r in (168, 128, 112, 96)] == [6, 8, 8, 10]
     for steps in range(1, 60):
         for split in range(1, 9):
-            s = cuda_kernels.gemm1_slice_steps(steps, split, programs=100, slots=99)
-            assert cuda_kernels.gemm1_slice_steps(steps, split, programs=99, slots=99) == 0
+            s = cuda_config.gemm1_slice_steps(steps, split, programs=100, slots=99)
+            assert cuda_config.gemm1_slice_steps(steps, split, programs=99, slots=99) == 0
             if s:  # every slice but the last s steps; the last non-empty and shorter
                 last = steps - (split - 1) * s
                 assert 0 < last < s, (steps, split, s)
     # gpt-oss-120b T=1 (H = 22.5 K steps of 128, split 3, 1080 programs for 1056 slots)
-    assert cuda_kernels.gemm1_slice_steps(23, 3, programs=1080, slots=1056) == 9
+    assert cuda_config.gemm1_slice_steps(23, 3, programs=1080, slots=1056) == 9
 
 
 def test_sort_takes_only_the_contracts_block_sizes():
@@ -225,19 +227,19 @@ def test_sort_takes_only_the_contracts_block_sizes():
 
 def test_missing_compiler_and_cache_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv(codecache.ENV_VAR, str(tmp_path))
-    monkeypatch.setattr(cuda_kernels, "_triton_version", lambda: None)
-    cuda_kernels.get_kernel.cache_clear()
+    monkeypatch.setattr(cuda_compile, "_triton_version", lambda: None)
+    cuda_compile.get_kernel.cache_clear()
     with pytest.raises(RuntimeError, match="triton is not installed"):
         kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=False)
-    cuda_kernels.get_kernel.cache_clear()
+    cuda_compile.get_kernel.cache_clear()
 
 
 def test_ready_cache_serves_without_triton(monkeypatch, tmp_path):
     monkeypatch.setenv(codecache.ENV_VAR, str(tmp_path))
-    cuda_kernels.get_kernel.cache_clear()
+    cuda_compile.get_kernel.cache_clear()
     a = kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
-    monkeypatch.setattr(cuda_kernels, "_triton_version", lambda: None)
-    cuda_kernels.get_kernel.cache_clear()
+    monkeypatch.setattr(cuda_compile, "_triton_version", lambda: None)
+    cuda_compile.get_kernel.cache_clear()
     b = kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
     assert a == b
-    cuda_kernels.get_kernel.cache_clear()
+    cuda_compile.get_kernel.cache_clear()

@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_mxfp4_moe import formats, reference, sorting
-from jax_mxfp4_moe.bench import PRESETS, random_weights
-from jax_mxfp4_moe.weights import MoEWeights
+from jax_mxfp4_moe.numerics import formats, reference, sorting
+from jax_mxfp4_moe.tools.bench import PRESETS, random_weights
+from jax_mxfp4_moe.layer.weights import MoEWeights
 
 import accuracy
 import moe_cases
 
 pytestmark = pytest.mark.gpu
 
-cuda = pytest.importorskip("jax_mxfp4_moe.backends.cuda")
-from jax_mxfp4_moe.backends import cuda_kernels  # noqa: E402
+cuda = pytest.importorskip("jax_mxfp4_moe.cuda.backend")
+from jax_mxfp4_moe.cuda import config as cuda_config  # noqa: E402
 
 QUANTS = ("a16w4", "a8w4", "a4w4")
 ACTS = ("silu", "swiglu_oai")
@@ -112,22 +112,22 @@ def test_moe_small_matches_reference(quant, activation, gate_up, bias, T):
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
-@pytest.mark.parametrize("regime", range(len(cuda_kernels._REGIMES)))
+@pytest.mark.parametrize("regime", range(len(cuda_config._REGIMES)))
 def test_every_config_regime_and_split_k(monkeypatch, regime, split):
     """Each row of the config table at small shapes (where the heuristic would
     pick it for other T), with K split 2 ways and 3 ways (H = 2 K steps: one
     slice is empty), and with x's MX quantisation fused into gemm1's loads."""
     import dataclasses
-    _, bm, g1, g2, warps = cuda_kernels._REGIMES[regime]
+    _, bm, g1, g2, warps = cuda_config._REGIMES[regime]
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True, layout="sm90")
     for fuse in (False, True):
-        cfg = cuda_kernels.MoEConfig(
+        cfg = cuda_config.MoEConfig(
             bm, dataclasses.replace(g1, split_k=split, fuse_x_quant=fuse),
             dataclasses.replace(g2, split_k=split), warps)
         monkeypatch.setattr(cuda, "choose_config", lambda *a, cfg=cfg, **k: cfg)
         for quant, T in (("a16w4", 7), ("a8w4", 64), ("a4w4", 1)):
-            if bm not in sorting.BLOCK_SIZES and T * shape.k > cuda_kernels.DIRECT_MAX:
+            if bm not in sorting.BLOCK_SIZES and T * shape.k > cuda_config.DIRECT_MAX:
                 continue  # 8-row blocks exist only where the kernels route themselves
             x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
             ref = reference.moe(x, w.canonical(), tw, ids, activation="swiglu_oai", quant=quant)
@@ -143,16 +143,16 @@ def test_scale_fold_gives_the_same_bits_and_large_scales_stay_exact(shape, T):
     (weights whose largest byte is unknown). Weights with larger scale bytes
     take the two-multiply path and match the reference."""
     import dataclasses
-    from jax_mxfp4_moe.weights import from_mxfp4
+    from jax_mxfp4_moe.layer.weights import from_mxfp4
     w = moe_cases.make_weights(shape, gate_up="interleaved")
-    assert w.scale_max is not None and w.scale_max <= cuda_kernels.FOLD_MAX_SCALE_BYTE
+    assert w.scale_max is not None and w.scale_max <= cuda_config.FOLD_MAX_SCALE_BYTE
     x, tw, ids = moe_cases.make_tokens(shape, T)
     kw = dict(activation="swiglu_oai", quant="a16w4", deterministic=True)
     np.testing.assert_array_equal(run(x, w, tw, ids, **kw),
                                   run(x, dataclasses.replace(w, scale_max=None), tw, ids, **kw))
     big = from_mxfp4(w.w1, w.w1_scale + 4, w.w2, w.w2_scale + 6, w.b1, w.b2,
                      gate_up=w.gate_up)
-    assert big.scale_max > cuda_kernels.FOLD_MAX_SCALE_BYTE
+    assert big.scale_max > cuda_config.FOLD_MAX_SCALE_BYTE
     ref = reference.moe(x, big, tw, ids, activation="swiglu_oai")
     for wl in (big, big.to_layout("sm90")):
         for deterministic in (False, True):
@@ -175,7 +175,7 @@ def test_deterministic_variant_is_bitwise_repeatable():
 @pytest.mark.parametrize("T", [7, 50])  # the kernels route from topk_ids (7 x 4) or the sort
 def test_edge_routings_one_token_one_expert_out_of_range(T):
     shape = moe_cases.GPT_OSS_LIKE
-    assert (T * shape.k <= cuda_kernels.DIRECT_MAX) == (T == 7)
+    assert (T * shape.k <= cuda_config.DIRECT_MAX) == (T == 7)
     w = moe_cases.make_weights(shape)
     x, tw, ids = moe_cases.make_tokens(shape, T)
     cases = {
@@ -200,13 +200,13 @@ def test_decode_short_last_k_slice_when_programs_outnumber_the_sms(monkeypatch):
     import dataclasses
     shape = moe_cases.Shape("long-k", E=8, k=4, H=9 * 128, I=256)
     w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True, layout="sm90")
-    _, bm, g1, g2, warps = cuda_kernels._REGIMES[0]
-    cfg = cuda_kernels.MoEConfig(bm, dataclasses.replace(g1, split_k=3),
+    _, bm, g1, g2, warps = cuda_config._REGIMES[0]
+    cfg = cuda_config.MoEConfig(bm, dataclasses.replace(g1, split_k=3),
                                  dataclasses.replace(g2, split_k=3), warps)
     monkeypatch.setattr(cuda, "choose_config", lambda *a, **k: cfg)
-    monkeypatch.setattr(cuda_kernels, "NUM_SMS", 1)
-    slots = cuda_kernels.programs_per_sm(cfg.decode_maxnreg, g1.num_warps)
-    assert cuda_kernels.gemm1_slice_steps(9, 3, 8 * 3, slots) == 4  # slices of 4, 4, 1 steps
+    monkeypatch.setattr(cuda_config, "NUM_SMS", 1)
+    slots = cuda_config.programs_per_sm(cfg.decode_maxnreg, g1.num_warps)
+    assert cuda_config.gemm1_slice_steps(9, 3, 8 * 3, slots) == 4  # slices of 4, 4, 1 steps
     for T in (1, 7):
         x, tw, ids = moe_cases.make_tokens(shape, T, seed=T)
         ref = reference.moe(x, w.canonical(), tw, ids, activation="swiglu_oai", quant="a16w4")
@@ -222,7 +222,7 @@ def test_decode_workspace_is_reused_clean_across_routings():
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved")
     T = 5
-    assert T * shape.k <= cuda_kernels.DIRECT_MAX
+    assert T * shape.k <= cuda_config.DIRECT_MAX
     f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai",
                                             quant="a16w4"))
     x, tw, ids = moe_cases.make_tokens(shape, T, seed=1)
@@ -277,7 +277,7 @@ def test_repeated_calls_under_one_jit_and_export_round_trip():
     # (atomics add in no fixed order).
     f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a16w4",
                                             deterministic=True))
-    from jax_mxfp4_moe import ffi
+    from jax_mxfp4_moe.runtime import ffi
     exp = jax.export.export(f, platforms=["cuda"],
                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(ffi.TARGET)])
     x, tw, ids = moe_cases.make_tokens(shape, 33, seed=9)
@@ -339,7 +339,7 @@ def test_other_input_dtypes(dtype, T):
 
 
 def test_public_moe_dispatches_here_on_hopper():
-    from jax_mxfp4_moe import api
+    from jax_mxfp4_moe.layer import api
     assert api._select("auto", "a16w4", "silu") is cuda
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape)

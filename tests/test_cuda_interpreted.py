@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("triton", reason="triton not installed")
 pytest.importorskip("torch", reason="triton's interpreter runs on torch tensors")
 
-from jax_mxfp4_moe import reference, sorting  # noqa: E402
-from jax_mxfp4_moe.backends import cuda_kernels  # noqa: E402
+from jax_mxfp4_moe.numerics import reference, sorting  # noqa: E402
+from jax_mxfp4_moe.cuda import config as cuda_config  # noqa: E402
 
 import accuracy  # noqa: E402
 import moe_cases  # noqa: E402
@@ -52,7 +52,7 @@ CASES = {
     "sorted T=20 BM 64": dict(T=20, regime=3, split=1, activation="silu"),
     "sorted T=20, K not a multiple of the K step, scale bytes unknown": dict(
         T=20, regime=1, split=2, shape="ODD_K", scale_max="unknown"),
-    "prefill tiles T=9, sm90 layout": dict(T=9, regime=len(cuda_kernels._REGIMES) - 1,
+    "prefill tiles T=9, sm90 layout": dict(T=9, regime=len(cuda_config._REGIMES) - 1,
                                            split=1, quant="a4w4", layout="sm90", shape="ODD_K"),
 }
 
@@ -80,7 +80,7 @@ def _routing_cases():
     out = {}
     for name, (ids, E, BM) in cases.items():
         ids = np.asarray(ids, np.int32)
-        assert ids.size <= cuda_kernels.DIRECT_MAX
+        assert ids.size <= cuda_config.DIRECT_MAX
         tw = rng.random(ids.shape).astype(np.float32)
         out[name] = dict(ids=ids.tolist(), tw=tw.tolist(), E=E, BM=BM,
                          programs=-(-ids.size // BM) + min(E, ids.size))
@@ -93,7 +93,7 @@ ROUTINGS = _routing_cases()
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("interp") / "y.npz"
-    assert 1100 * 4 > cuda_kernels.SORT_ONE_MAX
+    assert 1100 * 4 > cuda_config.SORT_ONE_MAX
     cases = [dict(_BASE, **c) for c in CASES.values()] + [
         dict(kind="sort", seed=i, **c) for i, c in enumerate(SORTS.values())] + [
         dict(kind="rows", **c) for c in ROUTINGS.values()]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import jax_mxfp4_moe as mm
-from jax_mxfp4_moe import layouts, reference
-from jax_mxfp4_moe.backends import cuda_layout
+from jax_mxfp4_moe.layer import layouts
+from jax_mxfp4_moe.numerics import reference
+from jax_mxfp4_moe.cuda import layout as cuda_layout
 
 from accuracy import assert_close
 from moe_cases import GPT_OSS_LIKE, ODD_K, make_tokens, make_weights
@@ -69,8 +70,8 @@ def test_kernels_address_the_layouts_bytes():
         wl = w.to_layout(layout)
         arrays[layout] = [np.asarray(wl.w2).ravel().tolist(), np.asarray(wl.w2_scale).ravel().tolist()]
     code = ("import json, sys, triton, triton.language as tl, torch, importlib\n"
-            "from jax_mxfp4_moe.backends.cuda_kernels import kernel_modules\n"
-            "g = importlib.import_module(kernel_modules().__name__ + '.moe_gemm')\n"
+            "from jax_mxfp4_moe.cuda.compile import KERNEL_PACKAGE\n"
+            "g = importlib.import_module(KERNEL_PACKAGE + '.moe_gemm')\n"
             "@triton.jit\n"
             "def k(w, s, ow, os_, E, N, K, BK: tl.constexpr, TILED: tl.constexpr):\n"
             "    e = tl.program_id(0)\n"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jax_mxfp4_moe import ffi
+from jax_mxfp4_moe.runtime import ffi
 
 L = pytest.importorskip("jax_mxfp4_moe._launcher", reason="launcher extension not built")
 
@@ -378,7 +378,7 @@ def test_launch_without_extension_raises_clearly(monkeypatch):
 
 def test_package_imports_without_extension():
     code = ("import sys; sys.modules['jax_mxfp4_moe._launcher'] = None\n"
-            "import jax_mxfp4_moe, jax_mxfp4_moe.ffi as f\n"
+            "import jax_mxfp4_moe, jax_mxfp4_moe.runtime.ffi as f\n"
             "assert not f.available()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -506,7 +506,7 @@ def test_fresh_process_finds_cached_object_by_hash(tmp_path):
     data = os.urandom(500)
     h = hashlib.sha256(data).hexdigest()
     (tmp_path / f"{h}.bin").write_bytes(data)
-    code = ("import jax_mxfp4_moe.ffi, jax_mxfp4_moe._launcher as L, sys\n"
+    code = ("import jax_mxfp4_moe.runtime.ffi, jax_mxfp4_moe._launcher as L, sys\n"
             f"sys.exit(0 if L.has_code_object('{h}') else 1)\n")
     env = dict(os.environ, JAX_MXFP4_MOE_CACHE_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

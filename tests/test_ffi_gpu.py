@@ -14,8 +14,8 @@ pytestmark = pytest.mark.gpu
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
-from jax_mxfp4_moe import ffi  # noqa: E402
-from jax_mxfp4_moe.backends.triton_compile import compile_triton  # noqa: E402
+from jax_mxfp4_moe.runtime import ffi  # noqa: E402
+from jax_mxfp4_moe.cuda.compile import compile_triton  # noqa: E402
 from test_triton_compile import AXPY_SIGNATURE, axpy_kernel  # noqa: E402
 
 BLOCK = 256

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jax_mxfp4_moe import formats as F
+from jax_mxfp4_moe.numerics import formats as F
 
 EDGE = [0.0, -0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -6.0, 7.0, 1e30, -1e30,
         np.inf, -np.inf, np.nan, 448.0, 464.0, 480.0, -500.0, 2.0 ** -9, 2.0 ** -10,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jax_mxfp4_moe as mm
-from jax_mxfp4_moe import reference
+from jax_mxfp4_moe.numerics import reference
 
 from accuracy import assert_close, cosine
 from moe_cases import DEEPSEEK_LIKE, GPT_OSS_LIKE, make_tokens, make_weights

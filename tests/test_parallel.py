@@ -1,4 +1,4 @@
-"""jax_mxfp4_moe.parallel: EP/TP results equal the single-device layer.
+"""jax_mxfp4_moe.layer.parallel: EP/TP results equal the single-device layer.
 
 Multi-device cases run in one subprocess with 8 virtual CPU devices
 (tests/parallel_checks.py); this file asserts on its records. Argument
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from jax_mxfp4_moe import parallel
-from parallel_checks import CASES, E, GPU_CASES, H, I
+from jax_mxfp4_moe.layer import parallel
+from parallel_checks import CASES, E, GPU_CASES, H
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,7 +232,7 @@ def test_auto_rule():
 
 def test_call_argument_errors():
     mesh = _mesh1()
-    from jax_mxfp4_moe.weights import prepare_weights
+    from jax_mxfp4_moe.layer.weights import prepare_weights
     rng = np.random.default_rng(0)
     W = prepare_weights(rng.normal(size=(2, 64, 32)).astype(np.float32),
                         rng.normal(size=(2, 32, 32)).astype(np.float32))
@@ -254,7 +254,7 @@ def test_call_argument_errors():
 
 def test_bench_mesh_reports_comm_bytes(tmp_path):
     # one CPU device: the 4x2 layer is not timed, its bytes are still reported
-    from jax_mxfp4_moe import bench
+    from jax_mxfp4_moe.tools import bench
     out = tmp_path / "mesh.json"
     assert bench.main(["--preset", "tiny", "--tokens", "8,64", "--mesh", "4x2",
                        "--json", str(out)]) == 0

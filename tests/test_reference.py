@@ -1,12 +1,11 @@
 """The oracle itself: against dense float64 math, and its quantiser against formats.py
 (two independent implementations of one rule)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_mxfp4_moe as mm
-from jax_mxfp4_moe import formats, reference
+from jax_mxfp4_moe.numerics import formats, reference
 
 GRID = np.array([0, 0.5, 1, 1.5, 2, 3, 4, -0.5, -1, -1.5, -2, -3, -4])
 

@@ -14,8 +14,10 @@ import pytest
 pytest.importorskip("flydsl", reason="flydsl (the [rocm] extra) is not installed")
 
 import moe_cases  # noqa: E402
-from jax_mxfp4_moe import ffi, inspect as rocm_inspect, sorting  # noqa: E402
-from jax_mxfp4_moe.backends import rocm, rocm_compile, rocm_elf, rocm_index as ix  # noqa: E402
+from jax_mxfp4_moe.runtime import ffi  # noqa: E402
+from jax_mxfp4_moe.tools import report as rocm_inspect
+from jax_mxfp4_moe.numerics import sorting
+from jax_mxfp4_moe.rocm import backend as rocm, compile as rocm_compile, elf as rocm_elf, geometry as ix  # noqa: E402
 
 EM_AMDGPU = 224
 VARIANTS = rocm.shipped_variants()
@@ -203,7 +205,7 @@ def test_warm_cache_needs_neither_flydsl_nor_torch(tmp_path):
         import jax, jax.numpy as jnp, numpy as np
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import moe_cases
-        from jax_mxfp4_moe.backends import rocm
+        from jax_mxfp4_moe.rocm import backend as rocm
         shape = moe_cases.Shape("s", **{shape!r})
         w = moe_cases.make_weights(shape, gate_up="interleaved").to_layout("gfx950")
         x, tw, ti = moe_cases.make_tokens(shape, 5)

@@ -14,9 +14,9 @@ import pytest
 
 import accuracy
 import moe_cases
-from jax_mxfp4_moe import formats, reference, sorting
-from jax_mxfp4_moe.backends import rocm, rocm_index as ix, rocm_tile
-from jax_mxfp4_moe.weights import from_mxfp4
+from jax_mxfp4_moe.numerics import formats, reference, sorting
+from jax_mxfp4_moe.rocm import backend as rocm, geometry as ix, functional_model as rocm_tile
+from jax_mxfp4_moe.layer.weights import from_mxfp4
 
 pytestmark = pytest.mark.rocm
 

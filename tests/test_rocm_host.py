@@ -11,8 +11,9 @@ import pytest
 
 import accuracy
 import moe_cases
-from jax_mxfp4_moe import layouts, reference, sorting
-from jax_mxfp4_moe.backends import rocm_elf, rocm_index as ix, rocm_layout, rocm_tile
+from jax_mxfp4_moe.layer import layouts
+from jax_mxfp4_moe.numerics import reference, sorting
+from jax_mxfp4_moe.rocm import elf as rocm_elf, geometry as ix, layout as rocm_layout, functional_model as rocm_tile
 
 
 # ------------------------------------------------------------ pre-shuffle
@@ -244,7 +245,7 @@ class _FakeDevice:
 
 
 def test_device_arch_detection():
-    from jax_mxfp4_moe.backends import rocm
+    from jax_mxfp4_moe.rocm import backend as rocm
 
     assert rocm._device_arch(_FakeDevice("gpu", "gfx950:sramecc+:xnack-")) == "gfx950"
     assert rocm._device_arch(_FakeDevice("rocm", None, kind="gfx942")) == "gfx942"
@@ -256,8 +257,8 @@ def test_device_arch_detection():
 
 
 def test_modes_without_gfx950_kernels_fall_back_to_jnp_with_a_warning():
-    from jax_mxfp4_moe import jnp_impl
-    from jax_mxfp4_moe.backends import rocm
+    from jax_mxfp4_moe.numerics import jnp_layer as jnp_impl
+    from jax_mxfp4_moe.rocm import backend as rocm
 
     shape = moe_cases.Shape("s", E=4, k=2, H=64, I=64)
     w = moe_cases.make_weights(shape)

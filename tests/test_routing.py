@@ -4,7 +4,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jax_mxfp4_moe import routing
+from jax_mxfp4_moe.layer import routing
 
 
 def _softmax(v):

@@ -1,4 +1,4 @@
-"""The sort contract (DESIGN §3): invariants, and equality with a naive per-expert loop."""
+"""The sort contract (docs/DESIGN.md §3): invariants, and equality with a naive per-expert loop."""
 
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jax_mxfp4_moe import sorting
+from jax_mxfp4_moe.numerics import sorting
 
 
 def naive_sort(ids, weights, E, BM, mask=None):
@@ -144,7 +144,7 @@ def test_cuda_row_block_bound_is_tight():
     """backends.cuda.max_blocks(n, E, BM) bounds the blocks any routing of n
     entries fills (the decode kernels size their grid by it), and some
     routing reaches it: every split of n entries over at most E experts."""
-    from jax_mxfp4_moe.backends.cuda import max_blocks
+    from jax_mxfp4_moe.cuda.backend import max_blocks
 
     def splits(n, parts):  # every multiset of <= parts positive counts summing to n
         if n == 0:

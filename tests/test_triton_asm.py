@@ -1,4 +1,4 @@
-"""The inline PTX of the CUDA decode upcast (kernels/triton/moe_gemm.py),
+"""The inline PTX of the CUDA decode upcast (cuda/kernels/moe_gemm.py),
 executed on CPU by a small interpreter of the instructions it uses, against
 ml_dtypes' E2M1 and the E8M0 definition: every byte value, every position in
 the packed word. The GPU tests run the same text on an H100; this catches an
@@ -17,9 +17,9 @@ import pytest
 
 pytest.importorskip("triton", reason="triton not installed")
 
-from jax_mxfp4_moe.backends.cuda_kernels import kernel_modules  # noqa: E402
+from jax_mxfp4_moe.cuda.compile import KERNEL_PACKAGE  # noqa: E402
 
-moe_gemm = pytest.importorskip(f"{kernel_modules().__name__}.moe_gemm")
+moe_gemm = pytest.importorskip(f"{KERNEL_PACKAGE}.moe_gemm")
 
 MASK32 = 0xFFFFFFFF
 
@@ -140,7 +140,7 @@ def test_folded_scale_times_raw_bits_is_the_mx_value():
     """FOLD: the raw E2M1 bits (value * 2**-126, no bias multiply) times the
     folded scale (2**(byte - 1)) in one bf16 multiply give value * 2**(byte -
     127) exactly, for every code and every byte <= FOLD_MAX_SCALE_BYTE (0 included)."""
-    from jax_mxfp4_moe.backends.cuda_kernels import FOLD_MAX_SCALE_BYTE
+    from jax_mxfp4_moe.cuda.config import FOLD_MAX_SCALE_BYTE
     raw_asm, fold_asm = moe_gemm.E2M1_EVEN_ODD_RAW_ASM.value, moe_gemm.E8M0_BF16_FOLD_ASM.value
     codes = np.arange(256, dtype=np.uint32)  # byte j of word w: even code j & 15, odd j >> 4
     raw = {}

@@ -10,8 +10,8 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton not installed")
 import triton.language as tl  # noqa: E402
 
-from jax_mxfp4_moe import ffi  # noqa: E402
-from jax_mxfp4_moe.backends.triton_compile import compile_triton, param_kinds  # noqa: E402
+from jax_mxfp4_moe.runtime import ffi  # noqa: E402
+from jax_mxfp4_moe.cuda.compile import compile_triton, param_kinds  # noqa: E402
 
 
 @triton.jit

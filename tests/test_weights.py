@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jax_mxfp4_moe as mm
-from jax_mxfp4_moe import formats, layouts, reference
+from jax_mxfp4_moe.numerics import formats, reference
+from jax_mxfp4_moe.layer import layouts
 
 from accuracy import assert_close
 from moe_cases import GPT_OSS_LIKE, Shape, make_tokens, make_weights

@@ -1,1 +1,0 @@
-"""Platform backends: each exposes available(), supports(...) and moe(...)."""

@@ -1,0 +1,1 @@
+"""Triton kernel sources of the CUDA backend (compiled by cuda.compile)."""

@@ -1,0 +1,1 @@
+"""FlyDSL kernel sources of the ROCm backend (compiled by rocm.compile)."""
