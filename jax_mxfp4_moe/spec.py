@@ -300,6 +300,14 @@ class LayerSpec:
         if self.top_k > MAX_TOP_K:
             raise ValueError(f"top_k: at most {MAX_TOP_K} (the sort entry's slot field), got {self.top_k}")
 
+    @classmethod
+    def for_weights(cls, weights, top_k: int, *, activation="silu", quant: str = DEFAULT_QUANT):
+        """The spec of a layer over ``weights`` (an ``MoEWeights``: its dims,
+        gate/up placement and biases) with ``top_k`` experts per token."""
+        return cls(weights.num_experts, top_k, weights.hidden, weights.intermediate,
+                   as_activation(activation), weights.gate_up, quant,
+                   has_b1=weights.b1 is not None, has_b2=weights.b2 is not None)
+
     @property
     def mode(self) -> QuantMode:
         return QUANT_MODES[self.quant]

@@ -6,9 +6,9 @@ Import this module only in a process that set TRITON_INTERPRET=1 before
 triton was imported: triton decides at a kernel's definition whether it is
 interpreted. `install()` swaps cuda.kernel / cuda.launch for interpreted
 ones. Inline PTX cannot be interpreted: the decode upcast's function
-(_mx_dot_even_odd) is replaced by plain Triton arithmetic with the same
+(mx_dot_even_odd) is replaced by plain Triton arithmetic with the same
 results (the PTX text itself is checked by test_triton_asm.py), and the
-poll loop (_wait_at_least) by volatile loads and an acquiring atomic;
+poll loop (wait_at_least) by volatile loads and an acquiring atomic;
 everything else runs as written.
 
 Launch results that the launch does not zero start as 0xAB bytes, so a
@@ -26,6 +26,12 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+# triton's interpreter runs loop indices as Python ints, and its tl.constexpr
+# has no __rmod__, so int % constexpr (addressing.step_offset's K steps past
+# a tile) fails there while the compiler folds it: give it one.
+if not hasattr(tl.constexpr, "__rmod__"):
+    tl.constexpr.__rmod__ = lambda self, other: tl.constexpr(other % self.value)
 
 from jax_mxfp4_moe.runtime import ffi
 from jax_mxfp4_moe.cuda import backend as cuda, compile as cuda_compile, config as cuda_config
@@ -108,8 +114,8 @@ def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliase
     return [_to_jax(t, o.dtype) for t, o in zip(outs, out_types)]
 
 
-def _gemm():
-    return importlib.import_module(f"{cuda_compile.KERNEL_PACKAGE}.moe_gemm")
+def _kernels(module):
+    return importlib.import_module(f"{cuda_compile.KERNEL_PACKAGE}.{module}")
 
 
 @triton.jit
@@ -123,7 +129,7 @@ def _e2m1_value(code):
 
 @triton.jit
 def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
-    """moe_gemm._mx_dot_even_odd with its inline PTX (fp4 pair upcast, E8M0
+    """gemm_loop.mx_dot_even_odd with its inline PTX (fp4 pair upcast, E8M0
     scale, its documented edges without FOLD: byte 0 -> 0, 255 -> inf; with
     FOLD every byte is <= 128 and exact) as plain Triton, and
     the multiplies and dots in f32: triton 3.9's interpreter gets bf16
@@ -145,7 +151,7 @@ def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
 
 @triton.jit
 def _wait_at_least(ptr, target):
-    """moe_gemm._wait_at_least without its PTX: poll, then acquire."""
+    """moe_decode.wait_at_least without its PTX: poll, then acquire."""
     c = tl.load(ptr, volatile=True)
     while c < target:
         c = tl.load(ptr, volatile=True)
@@ -158,8 +164,8 @@ def install():
         raise RuntimeError("set TRITON_INTERPRET=1 before importing triton")
     cuda.kernel = _kernel
     cuda.launch = _launch
-    _gemm()._mx_dot_even_odd = _mx_dot_even_odd
-    _gemm()._wait_at_least = _wait_at_least
+    _kernels("gemm_loop").mx_dot_even_odd = _mx_dot_even_odd
+    _kernels("moe_decode").wait_at_least = _wait_at_least
 
 
 def _weights(c):
@@ -189,7 +195,7 @@ def _run_moe(c):
     cfg = cuda_config.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
                                  dataclasses.replace(g2, split_k=c["split"]), warps)
     cuda.choose_config = lambda *a, cfg=cfg, **k: cfg
-    y = cuda.moe(x, w, tw, ids, activation=c["activation"], quant=c["quant"],
+    y = moe_cases.backend_moe(cuda, x, w, tw, ids, activation=c["activation"], quant=c["quant"],
                  deterministic=c["deterministic"])
     return dict(y=np.asarray(y.astype(jnp.float32)), dtype=np.asarray(str(y.dtype)))
 
@@ -210,9 +216,9 @@ def _run_sort(c):
 
 @triton.jit
 def _rows_probe(ids_ptr, tw_ptr, out_ptr, w_ptr, T, K, E, BM: tl.constexpr, NMAX: tl.constexpr):
-    """Stores what moe_gemm._direct_rows gives program (0, m): rows, tok,
+    """Stores what routing.direct_rows gives program (0, m): rows, tok,
     slot, row_ok (BM each), expert, blocks in use; and the row weights."""
-    rows, tok, slot, row_ok, expert, wgt, live = _gemm()._direct_rows(
+    rows, tok, slot, row_ok, expert, wgt, live = _kernels("routing").direct_rows(
         ids_ptr, tw_ptr, T, K, E, tl.program_id(1), BM, NMAX)
     r = tl.arange(0, BM)
     base = out_ptr + tl.program_id(1) * (4 * BM + 2)

@@ -5,7 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mxfp4_moe import prepare_weights
+from jax_mxfp4_moe import LayerSpec, prepare_weights
 from jax_mxfp4_moe.layer import routing
 
 
@@ -40,3 +40,11 @@ def make_tokens(shape, T, *, seed=1, dtype=jnp.bfloat16):
     logits = jnp.asarray(rng.standard_normal((T, shape.E)), jnp.float32)
     tw, ti = routing.topk_softmax(logits, shape.k)
     return x, tw, ti
+
+
+def backend_moe(backend, x, w, tw, ids, *, activation="silu", quant="a16w4", deterministic=False,
+                expert_mask=None, **kw):
+    """A kernel backend module's moe (cuda.backend / rocm.backend) called the
+    way moe()'s keywords describe a layer."""
+    spec = LayerSpec.for_weights(w, ids.shape[1], activation=activation, quant=quant)
+    return backend.moe(x, w, tw, ids, expert_mask, spec=spec, deterministic=deterministic, **kw)

@@ -117,7 +117,7 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     _, bm, g1, g2, warps = _REGIMES[0]
 
     def build(fold, even_k, pad=True):
-        return kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps,
+        return kernel("moe_decode", "moe_decode", num_warps=g1.num_warps,
                       num_stages=g1.num_stages, BM=bm, BN1=g1.block_n, BK1=g1.block_k,
                       SPLIT1=split, BN2=g2.block_n, BK2=g2.block_k, SPLIT2=split, A_FMT=0,
                       OUT_FMT=0, ACT=1, INTERLEAVED=True, HAS_BIAS1=True, HAS_BIAS2=True,
@@ -163,7 +163,7 @@ def test_pipeline_lowers_for_cuda(T, quant, expected_launches):
     x = jnp.zeros((T, shape.H), jnp.bfloat16)
     tw = jnp.zeros((T, shape.k), jnp.float32)
     ids = jnp.zeros((T, shape.k), jnp.int32)
-    f = lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant=quant,
+    f = lambda x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="swiglu_oai", quant=quant,
                                     expert_mask=None)
     text = jax.jit(f).trace(x, tw, ids).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("jax_mxfp4_moe_launch") == expected_launches  # sort, x quant, gemm1, gemm2

@@ -30,7 +30,7 @@ def _needs_hopper():
 
 
 def run(x, w, tw, ids, **kw):
-    f = jax.jit(lambda w, x, tw, ids: cuda.moe(x, w, tw, ids, **kw))  # weights as arguments
+    f = jax.jit(lambda w, x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, **kw))  # weights as arguments
     return np.asarray(f(w, x, tw, ids).astype(jnp.float32))
 
 
@@ -46,7 +46,7 @@ def test_quantize_kernel_bit_exact(fmt):
     x[6, 40] = np.inf                   # Inf -> NaN scale
     x[7, 70] = np.nan                   # NaN -> NaN scale
     x[8, 3] = 1e-40                     # denormal input
-    q, s = jax.jit(lambda v: cuda.quantize_mx(v, fmt))(jnp.asarray(x))
+    q, s = jax.jit(lambda v: cuda.quantize(v, fmt))(jnp.asarray(x))
     rq, rs = (formats.quantize_mxfp4_np if fmt == "mxfp4" else formats.quantize_mxfp8_np)(x)
     np.testing.assert_array_equal(np.asarray(s), rs)
     finite = np.setdiff1d(np.arange(37), [6, 7])  # elements of NaN-scale blocks carry no value
@@ -165,7 +165,7 @@ def test_deterministic_variant_is_bitwise_repeatable():
     shape = moe_cases.DEEPSEEK_LIKE
     w = moe_cases.make_weights(shape)
     x, tw, ids = moe_cases.make_tokens(shape, 200)
-    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="silu", quant="a16w4",
+    f = jax.jit(lambda x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="silu", quant="a16w4",
                                             deterministic=True))
     a = np.asarray(f(x, tw, ids))
     for _ in range(3):
@@ -223,7 +223,7 @@ def test_decode_workspace_is_reused_clean_across_routings():
     w = moe_cases.make_weights(shape, gate_up="interleaved")
     T = 5
     assert T * shape.k <= cuda_config.DIRECT_MAX
-    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai",
+    f = jax.jit(lambda x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="swiglu_oai",
                                             quant="a16w4"))
     x, tw, ids = moe_cases.make_tokens(shape, T, seed=1)
     routings = [ids, jnp.full(ids.shape, 3, jnp.int32), ids.at[:, 0].set(-1),
@@ -268,14 +268,14 @@ def test_nan_in_x_propagates_to_its_token_only():
 def test_repeated_calls_under_one_jit_and_export_round_trip():
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved")
-    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a16w4"))
+    f = jax.jit(lambda x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="swiglu_oai", quant="a16w4"))
     for seed, T in enumerate((33, 5, 33, 5)):  # new inputs each call: replays of a captured
         x, tw, ids = moe_cases.make_tokens(shape, T, seed=seed)  # graph must see them
         accuracy.assert_close(np.asarray(f(x, tw, ids).astype(jnp.float32)),
                               reference.moe(x, w, tw, ids, activation="swiglu_oai"))
     # The round trip is compared bitwise, so with the slot-ordered reduction
     # (atomics add in no fixed order).
-    f = jax.jit(lambda x, tw, ids: cuda.moe(x, w, tw, ids, activation="swiglu_oai", quant="a16w4",
+    f = jax.jit(lambda x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="swiglu_oai", quant="a16w4",
                                             deterministic=True))
     from jax_mxfp4_moe.runtime import ffi
     exp = jax.export.export(f, platforms=["cuda"],
@@ -334,7 +334,7 @@ def test_other_input_dtypes(dtype, T):
     for quant in QUANTS:
         y = run(x, w, tw, ids, activation="silu", quant=quant)
         accuracy.assert_close(y, reference.moe(x, w, tw, ids, activation="silu", quant=quant))
-    out = jax.jit(lambda x: cuda.moe(x, w, tw, ids, activation="silu"))(x)
+    out = jax.jit(lambda x: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="silu"))(x)
     assert out.dtype == dtype and out.shape == x.shape
 
 
@@ -344,6 +344,6 @@ def test_public_moe_dispatches_here_on_hopper():
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape)
     x, tw, ids = moe_cases.make_tokens(shape, 5)
-    f = jax.jit(lambda w, x, tw, ids: api.moe(x, w, tw, ids, backend="triton"))
+    f = jax.jit(lambda w, x, tw, ids: api.moe(x, w, tw, ids, backend="cuda"))
     y = np.asarray(f(w, x, tw, ids).astype(jnp.float32))
     accuracy.assert_close(y, reference.moe(x, w, tw, ids))

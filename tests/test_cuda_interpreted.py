@@ -57,7 +57,7 @@ CASES = {
 }
 
 
-# The sort kernels: one program (T*k <= SORT_ONE_MAX), and the chunked
+# The sort kernels: one program (T*k <= SORT_ONESHOT_MAX_ENTRIES), and the chunked
 # three-launch form past it; out-of-range ids, an expert mask.
 SORTS = {
     "sort T=7 k=8 E=64 BM=16": dict(T=7, k=8, E=64, BM=16, mask=False),
@@ -93,7 +93,7 @@ ROUTINGS = _routing_cases()
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("interp") / "y.npz"
-    assert 1100 * 4 > cuda_config.SORT_ONE_MAX
+    assert 1100 * 4 > cuda_config.SORT_ONESHOT_MAX_ENTRIES
     cases = [dict(_BASE, **c) for c in CASES.values()] + [
         dict(kind="sort", seed=i, **c) for i, c in enumerate(SORTS.values())] + [
         dict(kind="rows", **c) for c in ROUTINGS.values()]
@@ -145,7 +145,7 @@ def _contract_blocks(ids, tw, E, BM):
     blocks = {}
     for b in range(int(nv[0]) // BM):
         entries = sid[b * BM:(b + 1) * BM]
-        tok, slot = entries & sorting.TOKEN_MASK, entries >> sorting.TOKEN_BITS
+        tok, slot = sorting.unpack_entry(entries)
         rows = [(int(t), int(k), float(w)) for t, k, w in zip(tok, slot, sw[b * BM:(b + 1) * BM])
                 if t < T]
         blocks.setdefault(int(sexp[b]), []).append(rows)

@@ -54,7 +54,7 @@ def test_validation_names_a_wrongly_shaped_sm90_array():
 
 
 def test_kernels_address_the_layouts_bytes():
-    """moe_gemm's offsets (run by triton's interpreter) find every byte of
+    """addressing.py's offsets (run by triton's interpreter) find every byte of
     canonical and sm90 (TILED) weights: for each row and K step of 128 and
     64, the values and scales the canonical arrays hold there."""
     pytest.importorskip("triton")
@@ -71,7 +71,9 @@ def test_kernels_address_the_layouts_bytes():
         arrays[layout] = [np.asarray(wl.w2).ravel().tolist(), np.asarray(wl.w2_scale).ravel().tolist()]
     code = ("import json, sys, triton, triton.language as tl, torch, importlib\n"
             "from jax_mxfp4_moe.cuda.compile import KERNEL_PACKAGE\n"
-            "g = importlib.import_module(KERNEL_PACKAGE + '.moe_gemm')\n"
+            "if not hasattr(tl.constexpr, '__rmod__'):  # as tests/cuda_interpreted.py says\n"
+            "    tl.constexpr.__rmod__ = lambda self, other: tl.constexpr(other % self.value)\n"
+            "g = importlib.import_module(KERNEL_PACKAGE + '.addressing')\n"
             "@triton.jit\n"
             "def k(w, s, ow, os_, E, N, K, BK: tl.constexpr, TILED: tl.constexpr):\n"
             "    e = tl.program_id(0)\n"
@@ -81,10 +83,10 @@ def test_kernels_address_the_layouts_bytes():
             "    se = s + e * g.expert_bytes(N, K, g.SCALE_BYTES, TILED)\n"
             "    for k0 in range(0, K, BK):\n"
             "        c = tl.arange(0, BK // 2)\n"
-            "        v = tl.load(we + g._row_offsets(row, K, g.VALUE_BYTES, TILED)[:, None] + g._step_offset(k0, BK, g.VALUE_BYTES, TILED) + c[None, :])\n"
+            "        v = tl.load(we + g.row_offsets(row, K, g.VALUE_BYTES, TILED)[:, None] + g.step_offset(k0, BK, g.VALUE_BYTES, TILED) + c[None, :])\n"
             "        tl.store(ow + (e * N + row[:, None]) * (K // 2) + k0 // 2 + c[None, :], v, mask=(r < N)[:, None] & (k0 // 2 + c < K // 2)[None, :])\n"
             "        b = tl.arange(0, BK // 32)\n"
-            "        v = tl.load(se + g._row_offsets(row, K, g.SCALE_BYTES, TILED)[:, None] + g._step_offset(k0, BK, g.SCALE_BYTES, TILED) + b[None, :])\n"
+            "        v = tl.load(se + g.row_offsets(row, K, g.SCALE_BYTES, TILED)[:, None] + g.step_offset(k0, BK, g.SCALE_BYTES, TILED) + b[None, :])\n"
             "        tl.store(os_ + (e * N + row[:, None]) * (K // 32) + k0 // 32 + b[None, :], v, mask=(r < N)[:, None] & (k0 // 32 + b < K // 32)[None, :])\n"
             "a = json.load(sys.stdin)\n"
             "E, N, K = a['E'], a['N'], a['K']\n"

@@ -15,7 +15,8 @@ import pytest
 import accuracy
 import moe_cases
 from jax_mxfp4_moe.numerics import formats, reference, sorting
-from jax_mxfp4_moe.rocm import backend as rocm, geometry as ix, functional_model as rocm_tile
+from jax_mxfp4_moe import spec
+from jax_mxfp4_moe.rocm import backend as rocm, config as rocm_config, functional_model as rocm_tile, geometry as ix
 from jax_mxfp4_moe.layer.weights import from_mxfp4
 
 pytestmark = pytest.mark.rocm
@@ -47,11 +48,11 @@ def _random_mxfp4_weights(E, H, I, *, gate_up, bias, seed=0):
 
 # ------------------------------------------------------------------ sort
 @pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("preset", sorted(rocm.PRESETS))
+@pytest.mark.parametrize("preset", rocm_config.PRESETS)
 @pytest.mark.parametrize("masked", [False, True])
 def test_sort_kernel_equals_jnp_sorter(T, preset, masked):
-    p = rocm.PRESETS[preset]
-    E, k = p["num_experts"], p["top_k"]
+    p = spec.PRESETS[preset]
+    E, k = p.num_experts, p.top_k
     rng = np.random.default_rng(T)
     ids = jnp.asarray(rng.integers(-1, E + 2, (T, k)), jnp.int32)  # some ids are "not here"
     tw = jnp.asarray(rng.random((T, k)), jnp.float32)
@@ -82,12 +83,12 @@ def test_quant_kernel_is_bit_exact(fmt, dtype, T, K):
 def _stages(shape, T, quant, activation, gate_up, bias, nt):
     w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias).to_layout("gfx950")
     x, tw, ti = moe_cases.make_tokens(shape, T)
+    layer = spec.LayerSpec.for_weights(w, shape.k, activation=activation, quant=quant)
     Hp, _ = ix.padded_dims(shape.H, shape.I)
-    fmt = "mxfp4" if quant == "a4w4" else "mxfp8"
     s = rocm.sort(ti, tw, num_experts=shape.E)
-    xq, xs = rocm.quantize(jnp.pad(x, ((0, 0), (0, Hp - shape.H))), fmt)
-    inter, inter_s = rocm.gemm1(xq, xs, w, s, tokens=T, quant=quant, activation=activation, nt=nt)
-    y = rocm.gemm2(inter, inter_s, w, s, tokens=T, top_k=shape.k, quant=quant, nt=nt)
+    xq, xs = rocm.quantize(jnp.pad(x, ((0, 0), (0, Hp - shape.H))), layer.mode.act_format)
+    inter, inter_s = rocm.gemm1(xq, xs, w, s, layer=layer, tokens=T, nt=nt)
+    y = rocm.gemm2(inter, inter_s, w, s, layer=layer, tokens=T, nt=nt)
     return w, s, xq, xs, inter, inter_s, y
 
 
@@ -126,8 +127,8 @@ def test_gemm_kernels_match_the_functional_model(shape, quant, activation, gate_
 # ------------------------------------------------------------- whole moe
 SMALL = [
     (quant, activation, gate_up, bias)
-    for quant in rocm.QUANTS
-    for activation in rocm.ACTIVATIONS
+    for quant in rocm_config.QUANTS
+    for activation in spec.ACTIVATION_KINDS
     for gate_up in ("separated", "interleaved")
     for bias in (False, True)
 ]
@@ -139,25 +140,25 @@ def test_moe_matches_reference_small(quant, activation, gate_up, bias, layout):
     shape = moe_cases.GPT_OSS_LIKE if gate_up == "interleaved" else moe_cases.DEEPSEEK_LIKE
     w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias, layout=layout)
     x, tw, ti = moe_cases.make_tokens(shape, 23)
-    y = jax.jit(lambda *a: rocm.moe(*a, activation=activation, quant=quant))(x, w, tw, ti)
+    y = jax.jit(lambda *a: moe_cases.backend_moe(rocm, *a, activation=activation, quant=quant))(x, w, tw, ti)
     ref = reference.moe(np.asarray(x), w.canonical(), tw, ti, quant=quant, activation=activation)
     accuracy.assert_close(y, ref)
 
 
 @pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("quant", rocm.QUANTS)
-@pytest.mark.parametrize("preset", sorted(rocm.PRESETS))
+@pytest.mark.parametrize("quant", rocm_config.QUANTS)
+@pytest.mark.parametrize("preset", rocm_config.PRESETS)
 def test_moe_matches_reference_at_presets(preset, quant, T):
-    p = rocm.PRESETS[preset]
-    E, k, H, I = p["num_experts"], p["top_k"], p["hidden"], p["intermediate"]
-    w = _random_mxfp4_weights(E, H, I, gate_up=p["gate_up"], bias=p["has_bias"])
+    p = spec.PRESETS[preset]
+    E, k, H, I = p.num_experts, p.top_k, p.hidden, p.intermediate
+    w = _random_mxfp4_weights(E, H, I, gate_up=p.gate_up, bias=p.has_b1)
     wl = w.to_layout("gfx950")
     tw, ti = _routing(T, E, k, seed=T)
     x = jnp.asarray(np.random.default_rng(T).standard_normal((T, H)), jnp.bfloat16)
-    y = jax.jit(lambda *a: rocm.moe(*a, activation=p["activation"], quant=quant))(x, wl, tw, ti)
+    y = jax.jit(lambda *a: moe_cases.backend_moe(rocm, *a, activation=p.activation, quant=quant))(x, wl, tw, ti)
     rows = slice(0, min(T, REF_ROWS))
     ref = reference.moe(np.asarray(x)[rows], w, np.asarray(tw)[rows], np.asarray(ti)[rows], quant=quant,
-                        activation=p["activation"])
+                        activation=p.activation)
     accuracy.assert_close(np.asarray(y)[rows], ref)
 
 
@@ -166,7 +167,7 @@ def test_cosine_against_the_unquantised_activation_reference(quant, floor):
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True)
     x, tw, ti = moe_cases.make_tokens(shape, 64)
-    y = jax.jit(lambda *a: rocm.moe(*a, activation="swiglu_oai", quant=quant))(x, w, tw, ti)
+    y = jax.jit(lambda *a: moe_cases.backend_moe(rocm, *a, activation="swiglu_oai", quant=quant))(x, w, tw, ti)
     exact = reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation="swiglu_oai", quantize_activations=False)
     quantised = reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation="swiglu_oai")
     cos = accuracy.cosine(np.asarray(y, np.float32), exact)
@@ -174,12 +175,12 @@ def test_cosine_against_the_unquantised_activation_reference(quant, floor):
     assert cos >= floor and cos >= accuracy.cosine(quantised, exact) - 2e-3
 
 
-@pytest.mark.parametrize("quant", rocm.QUANTS)
+@pytest.mark.parametrize("quant", rocm_config.QUANTS)
 def test_deterministic_mode_is_reproducible_and_accurate(quant):
     shape = moe_cases.DEEPSEEK_LIKE
     w = moe_cases.make_weights(shape, bias=True)
     x, tw, ti = moe_cases.make_tokens(shape, 200)
-    f = jax.jit(lambda *a: rocm.moe(*a, activation="silu", quant=quant, deterministic=True))
+    f = jax.jit(lambda *a: moe_cases.backend_moe(rocm, *a, activation="silu", quant=quant, deterministic=True))
     y1 = np.asarray(f(x, w, tw, ti), np.float32)
     y2 = np.asarray(f(x, w, tw, ti), np.float32)
     np.testing.assert_array_equal(y1, y2)
@@ -190,19 +191,19 @@ def test_ids_not_here_contribute_nothing_and_t0_is_empty():
     shape = moe_cases.DEEPSEEK_LIKE
     w = moe_cases.make_weights(shape, bias=True)
     x, tw, ti = moe_cases.make_tokens(shape, 5)
-    f = jax.jit(lambda *a: rocm.moe(*a, activation="silu", quant="a8w4"))
+    f = jax.jit(lambda *a: moe_cases.backend_moe(rocm, *a, activation="silu", quant="a8w4"))
     y = f(x, w, tw, jnp.full_like(ti, shape.E + 7))
     assert not np.asarray(y, np.float32).any()
     y0 = f(x[:0], w, tw[:0], ti[:0])
     assert y0.shape == (0, shape.H)
 
 
-def test_public_api_dispatches_to_flydsl():
+def test_public_api_runs_the_rocm_kernels():
     from jax_mxfp4_moe import moe
 
     shape = moe_cases.GPT_OSS_LIKE
     w = moe_cases.make_weights(shape, gate_up="interleaved")
     x, tw, ti = moe_cases.make_tokens(shape, 7)
-    y = jax.jit(lambda *a: moe(*a, activation="swiglu_oai", quant="a4w4", backend="flydsl"))(x, w, tw, ti)
+    y = jax.jit(lambda *a: moe(*a, activation="swiglu_oai", quant="a4w4", backend="rocm"))(x, w, tw, ti)
     ref = reference.moe(np.asarray(x), w, tw, ti, quant="a4w4", activation="swiglu_oai")
     accuracy.assert_close(y, ref)

@@ -174,8 +174,8 @@ def test_grids_cover_the_work(T, k, E):
     Hp, Ip = ix.padded_dims(2880, 2880)
     nblocks = sorting.num_blocks(T, k, E, ix.BM)
     assert nblocks * ix.BM >= sorting.sorted_size(T, k, E, ix.BM) > (nblocks - 1) * ix.BM
-    assert ix.gemm1_grid(nblocks, Ip) == (nblocks, Ip // ix.BN, 1)
-    assert ix.gemm2_grid(nblocks, Hp) == (nblocks, Hp // ix.BN, 1)
+    assert ix.gemm1_grid(nblocks, Ip) == (Ip // ix.BN, nblocks, 1)  # (n_tiles, row_blocks, k_splits)
+    assert ix.gemm2_grid(nblocks, Hp) == (Hp // ix.BN, nblocks, 1)
     g = ix.quant_grid(T, Hp)[0]
     assert g * ix.QUANT_BLOCK >= T * Hp // 32 > (g - 1) * ix.QUANT_BLOCK
     assert (Hp, Ip) == (2944, 2944) and ix.padded_dims(7168, 2048) == (7168, 2048)
@@ -247,23 +247,33 @@ class _FakeDevice:
 def test_device_arch_detection():
     from jax_mxfp4_moe.rocm import backend as rocm
 
-    assert rocm._device_arch(_FakeDevice("gpu", "gfx950:sramecc+:xnack-")) == "gfx950"
-    assert rocm._device_arch(_FakeDevice("rocm", None, kind="gfx942")) == "gfx942"
-    assert rocm._device_arch(_FakeDevice("gpu", "9.0", kind="NVIDIA H100", client=("cuda", "cuda 12"))) is None
-    assert rocm._device_arch(_FakeDevice("cpu", None, kind="cpu", client=("cpu", "cpu"))) is None
+    from jax_mxfp4_moe import spec
+
+    assert rocm.device_arch(_FakeDevice("gpu", "gfx950:sramecc+:xnack-")) == "gfx950"
+    assert rocm.device_arch(_FakeDevice("rocm", None, kind="gfx942")) == "gfx942"
+    assert rocm.device_arch(_FakeDevice("gpu", "9.0", kind="NVIDIA H100", client=("cuda", "cuda 12"))) is None
+    assert rocm.device_arch(_FakeDevice("cpu", None, kind="cpu", client=("cpu", "cpu"))) is None
     assert not rocm.available()  # this machine has no ROCm device
-    assert rocm.supports("a4w4", "silu") and rocm.supports("a8w4", "swiglu_oai")
-    assert not rocm.supports("a16w4", "silu") and not rocm.supports("a4w4", "gelu")
+    layer = spec.PRESETS["gpt-oss-120b"]
+    for quant in ("a4w4", "a8w4"):  # lowerable here (an export needs no device)
+        assert rocm.unsupported(layer.replace(quant=quant)) is None
+    assert "a16w4" in rocm.unsupported(layer.replace(quant="a16w4"))
 
 
-def test_modes_without_gfx950_kernels_fall_back_to_jnp_with_a_warning():
-    from jax_mxfp4_moe.numerics import jnp_layer as jnp_impl
-    from jax_mxfp4_moe.rocm import backend as rocm
+def test_modes_without_gfx950_kernels_lower_the_jnp_path_with_a_warning():
+    """Placed on ROCm, a16w4 (no gfx950 kernels) lowers the jnp path, saying so."""
+    import jax
+    import jax_mxfp4_moe as mm
+    from jax_mxfp4_moe.runtime import ffi
 
     shape = moe_cases.Shape("s", E=4, k=2, H=64, I=64)
     w = moe_cases.make_weights(shape)
     x, tw, ti = moe_cases.make_tokens(shape, 3)
-    want = jnp_impl.moe(x, w, tw, ti, activation="silu", quant="a16w4")
-    with pytest.warns(UserWarning, match="jnp path"):
-        got = rocm.moe(x, w, tw, ti, activation="silu", quant="a16w4")
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    f = jax.jit(lambda *a: mm.moe(*a, activation="silu", quant="a16w4"))
+    with pytest.warns(UserWarning, match="runs as jnp on rocm"):
+        text = f.trace(x, w, tw, ti).lower(lowering_platforms=("rocm",)).as_text()
+    assert ffi.TARGET not in text
+    # the jnp path as backend="jnp" lowers it there (on accelerators: ragged_dot)
+    g = jax.jit(lambda *a: mm.moe(*a, activation="silu", quant="a16w4", backend="jnp"))
+    jnp_text = g.trace(x, w, tw, ti).lower(lowering_platforms=("rocm",)).as_text()
+    assert text.count("chlo.ragged_dot") == jnp_text.count("chlo.ragged_dot") > 0

@@ -131,8 +131,10 @@ def test_sort_large_T_all_to_one_expert():
 
 def test_sort_sizes_and_errors():
     assert sorting.sorted_size(1, 4, 128, 32) == 4 + 128 * 32 - 4
-    with pytest.raises(ValueError, match="block_m"):
-        sorting.moe_sort(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)), num_experts=4, block_m=48)
+    for bad in (0, -32, 2.5):  # any positive block size is a contract (the kernels use 16..128)
+        with pytest.raises(ValueError, match="block_m"):
+            sorting.moe_sort(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)), num_experts=4,
+                             block_m=bad)
     with pytest.raises(ValueError, match="expert_mask"):
         sorting.moe_sort(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)), num_experts=4, block_m=32,
                          expert_mask=jnp.ones(3, bool))
@@ -141,10 +143,10 @@ def test_sort_sizes_and_errors():
 
 
 def test_cuda_row_block_bound_is_tight():
-    """backends.cuda.max_blocks(n, E, BM) bounds the blocks any routing of n
+    """sorting.max_blocks(n, E, BM) bounds the blocks any routing of n
     entries fills (the decode kernels size their grid by it), and some
     routing reaches it: every split of n entries over at most E experts."""
-    from jax_mxfp4_moe.cuda.backend import max_blocks
+    from jax_mxfp4_moe.numerics.sorting import max_blocks
 
     def splits(n, parts):  # every multiset of <= parts positive counts summing to n
         if n == 0:

@@ -1,4 +1,4 @@
-"""The inline PTX of the CUDA decode upcast (cuda/kernels/moe_gemm.py),
+"""The inline PTX of the CUDA decode upcast (cuda/kernels/upcast.py),
 executed on CPU by a small interpreter of the instructions it uses, against
 ml_dtypes' E2M1 and the E8M0 definition: every byte value, every position in
 the packed word. The GPU tests run the same text on an H100; this catches an
@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton not installed")
 
 from jax_mxfp4_moe.cuda.compile import KERNEL_PACKAGE  # noqa: E402
 
-moe_gemm = pytest.importorskip(f"{KERNEL_PACKAGE}.moe_gemm")
+upcast = pytest.importorskip(f"{KERNEL_PACKAGE}.upcast")
 
 MASK32 = 0xFFFFFFFF
 
@@ -99,7 +99,7 @@ def _e2m1(codes) -> np.ndarray:
 
 
 def test_e2m1_even_odd_ptx_is_exact_for_every_byte():
-    asm = moe_gemm.E2M1_EVEN_ODD_ASM.value
+    asm = upcast.E2M1_EVEN_ODD_ASM.value
     for word in _words():
         word = int(word)
         r = run_ptx(asm, {"$4": word})
@@ -116,7 +116,7 @@ def test_e2m1_even_odd_ptx_is_exact_for_every_byte():
 
 
 def test_e8m0_bf16_ptx_gives_the_power_of_two_and_documented_edges():
-    asm = moe_gemm.E8M0_BF16_ASM.value
+    asm = upcast.E8M0_BF16_ASM.value
     for word in _words():
         word = int(word)
         r = run_ptx(asm, {"$2": word})
@@ -141,7 +141,7 @@ def test_folded_scale_times_raw_bits_is_the_mx_value():
     folded scale (2**(byte - 1)) in one bf16 multiply give value * 2**(byte -
     127) exactly, for every code and every byte <= FOLD_MAX_SCALE_BYTE (0 included)."""
     from jax_mxfp4_moe.cuda.config import FOLD_MAX_SCALE_BYTE
-    raw_asm, fold_asm = moe_gemm.E2M1_EVEN_ODD_RAW_ASM.value, moe_gemm.E8M0_BF16_FOLD_ASM.value
+    raw_asm, fold_asm = upcast.E2M1_EVEN_ODD_RAW_ASM.value, upcast.E8M0_BF16_FOLD_ASM.value
     codes = np.arange(256, dtype=np.uint32)  # byte j of word w: even code j & 15, odd j >> 4
     raw = {}
     for w in range(64):

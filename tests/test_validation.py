@@ -21,7 +21,8 @@ def call(**kw):
 
 
 @pytest.mark.parametrize("kw, err, match", [
-    (dict(x=X[None]), ValueError, "x: expected"),
+    (dict(x=X[0]), ValueError, "x: expected"),
+    (dict(x=X[None]), ValueError, "topk_ids: expected \\[1, 4, k\\]"),  # rank 3 needs [1, T, k] routing
     (dict(x=X.astype(jnp.int32)), TypeError, "x: expected dtype"),
     (dict(x=jnp.zeros((4, 128), jnp.bfloat16)), ValueError, "x: hidden size"),
     (dict(topk_ids=TI[:3]), ValueError, "topk_ids"),
@@ -46,8 +47,11 @@ def test_unknown_backend_and_weights_type():
 
 
 def test_kernel_backend_without_its_gpu():
-    with pytest.raises(ValueError, match="backend"):
-        mm.moe(X, W, TW, TI, backend="triton")
+    for name in ("cuda", "rocm"):
+        with pytest.raises(ValueError, match=f"backend: '{name}' runs on {name} devices"):
+            mm.moe(X, W, TW, TI, backend=name)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        mm.moe(X, W, TW, TI, backend="triton")  # the kernel language is not a backend name
 
 
 def test_too_many_tokens():

@@ -6,7 +6,7 @@ Pipeline (docs/DESIGN.md §3), all launches on the GPU:
   act, re-quantise) -> gemm2 (weighted atomic add into f32 y, or per-slot
   stores for the deterministic variant) -> cast (one XLA op).
 At decode size (config.DIRECT_MAX) the layer is one custom call: a
-memset of its scratch and one kernel (moe_gemm.moe_decode) that routes from
+memset of its scratch and one kernel (moe_decode.moe_decode) that routes from
 topk_ids itself, runs gemm1 then gemm2 and writes the output dtype.
 """
 
@@ -17,44 +17,46 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_mxfp4_moe.numerics import sorting
+from jax_mxfp4_moe import spec as layer_spec
 from jax_mxfp4_moe.cuda import config
 from jax_mxfp4_moe.cuda.compile import TRITON_DTYPE, kernel, launch
-from jax_mxfp4_moe.cuda.config import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_LAYOUT_GROUP,
-                                       SORT_ONE_MAX, choose_config, sort_chunk)
+from jax_mxfp4_moe.cuda.config import (DIRECT_MAX, FOLD_MAX_SCALE_BYTE, SORT_OFFSETS_GROUP,
+                                       SORT_ONESHOT_MAX_ENTRIES, choose_config, sort_chunk)
 from jax_mxfp4_moe.cuda.layout import NAME as LAYOUT_NAME  # registers the sm90 layout
+from jax_mxfp4_moe.numerics import sorting
+from jax_mxfp4_moe.runtime import ffi
 
-QUANTS = ("a16w4", "a8w4", "a4w4")
-ACTIVATIONS = ("silu", "swiglu_oai")
-# Activation element format per mode, as the kernels' A_FMT / OUT_FMT codes.
-_ACT_FORMAT = {"a16w4": 0, "a4w4": 1, "a8w4": 2}
-_ACT_CODE = {"silu": 0, "swiglu_oai": 1}
+# Compute capability of the GPUs the kernels are compiled for (sm_90a).
+COMPUTE_CAPABILITY = "9.0"
+
+
+def _local_devices():
+    try:
+        return jax.devices("cuda")
+    except RuntimeError:
+        return []
 
 
 def available() -> bool:
-    """A CUDA device of compute capability 9.0 and the FFI launcher."""
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        return False
-    if not devices or getattr(devices[0], "platform", "") != "gpu":
-        return False
-    if str(getattr(devices[0], "compute_capability", "")) != "9.0":
-        return False
-    try:
-        from jax_mxfp4_moe.runtime import ffi
-    except ImportError:
-        return False
-    return ffi.available()
+    """True where this process has an sm_90 GPU and the launcher is built."""
+    devices = _local_devices()
+    return (bool(devices) and ffi.available()
+            and str(getattr(devices[0], "compute_capability", "")) == COMPUTE_CAPABILITY)
 
 
-def supports(quant: str, activation: str) -> bool:
-    return quant in QUANTS and activation in ACTIVATIONS
-
-
-def _ffi():
-    from jax_mxfp4_moe.runtime import ffi
-    return ffi
+def unsupported(spec) -> str | None:
+    """Why these kernels cannot run a layer here, or None: every quant mode and
+    activation of the spec has kernels; a CUDA device (when the process has
+    one; exports lower without) must be sm_90 and the launcher must be built."""
+    if not ffi.available():
+        return "the FFI launcher extension is not built"
+    devices = _local_devices()
+    if devices:
+        cc = str(getattr(devices[0], "compute_capability", ""))
+        if cc != COMPUTE_CAPABILITY:
+            return (f"the CUDA kernels are built for compute capability {COMPUTE_CAPABILITY} "
+                    f"(sm_90a), this GPU is {cc}")
+    return None
 
 
 def _pow2_at_least(n: int) -> int:
@@ -62,10 +64,13 @@ def _pow2_at_least(n: int) -> int:
 
 
 def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=None):
-    """The sort contract computed by Triton kernels -> sorting.SortResult."""
-    if block_m not in sorting.BLOCK_SIZES:
-        raise ValueError(f"block_m: expected one of {sorting.BLOCK_SIZES}, got {block_m}")
-    ffi = _ffi()
+    """The sort contract computed by Triton kernels -> sorting.SortResult.
+
+    One launch (stage "oneshot") up to SORT_ONESHOT_MAX_ENTRIES routed
+    entries, else three: "count" (per-chunk histograms, padding fill),
+    "offsets" (expert offsets, block expert ids, per-chunk bases), "scatter"."""
+    if block_m not in layer_spec.BLOCK_SIZES:
+        raise ValueError(f"block_m: expected one of {layer_spec.BLOCK_SIZES}, got {block_m}")
     T, K = topk_ids.shape
     E = num_experts
     P = sorting.sorted_size(T, K, E, block_m)
@@ -74,19 +79,19 @@ def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=
     ids = topk_ids.astype(jnp.int32).reshape(-1)
     w = topk_weights.astype(jnp.float32).reshape(-1)
     has_mask = expert_mask is not None
-    mask = jnp.asarray(expert_mask).astype(jnp.int32) if has_mask else ids  # ids: unused dummy
+    mask = jnp.asarray(expert_mask).astype(jnp.int32) if has_mask else None
     nbins = _pow2_at_least(E + 1)  # bin E collects the entries that are "not here"
     i32, f32 = jnp.int32, jnp.float32
     outs = [jax.ShapeDtypeStruct((P,), i32), jax.ShapeDtypeStruct((P,), f32),
             jax.ShapeDtypeStruct((NB,), i32), jax.ShapeDtypeStruct((2,), i32)]
-    if n <= SORT_ONE_MAX:
+    if n <= SORT_ONESHOT_MAX_ENTRIES:
         sub = min(128, _pow2_at_least(max(n, 16)))
-        kern = kernel("moe_sort", "moe_sort_one", num_warps=4, BM=block_m, NBINS=nbins, SUB=sub,
+        kern = kernel("moe_sort", "moe_sort_oneshot", num_warps=4, BM=block_m, NBINS=nbins, SUB=sub,
                       BLK=64 if nbins <= 256 else 32, FILL=1024, HAS_MASK=has_mask)
         res = launch(kern, (1, 1, 1),
                          [ids, w, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), ffi.Out(3), ffi.Out(4),
                           T, K, E, P, NB],
-                         outs + [jax.ShapeDtypeStruct((nbins,), i32)], name="moe_sort_one")
+                         outs + [jax.ShapeDtypeStruct((nbins,), i32)], name="moe_sort_oneshot")
         return sorting.SortResult(*res[:4])
     chunk = sort_chunk(n)
     nchunk = -(-n // chunk)
@@ -96,32 +101,31 @@ def sort(topk_ids, topk_weights, *, num_experts: int, block_m: int, expert_mask=
         count, (nchunk, 1, 1),
         [ids, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, K, E, P, chunk],
         outs[:2] + [jax.ShapeDtypeStruct((nchunk * nbins,), i32)], name="moe_sort_count")
-    layout = kernel("moe_sort", "moe_sort_layout", num_warps=4, BM=block_m, NBINS=nbins,
-                    BLK=64 if nbins <= 256 else 32, HAS_MASK=has_mask,
-                    GROUP=SORT_LAYOUT_GROUP)
+    offsets = kernel("moe_sort", "moe_sort_offsets", num_warps=4, BM=block_m, NBINS=nbins,
+                     BLK=64 if nbins <= 256 else 32, HAS_MASK=has_mask,
+                     GROUP=SORT_OFFSETS_GROUP)
     sexp, nv, run = launch(
-        layout, (1, 1, 1),
+        offsets, (1, 1, 1),
         [counts, mask, ffi.Out(0), ffi.Out(1), ffi.Out(2), T, E, NB, nchunk],
-        outs[2:] + [jax.ShapeDtypeStruct((nchunk * nbins,), i32)], name="moe_sort_layout")
+        outs[2:] + [jax.ShapeDtypeStruct((nchunk * nbins,), i32)], name="moe_sort_offsets")
     scatter = kernel("moe_sort", "moe_sort_scatter", num_warps=4, NBINS=nbins, SUB=128,
                      HAS_MASK=has_mask)
-    # sid, sw and run are updated in place (operands 3, 4, 5 alias results 0, 1, 2).
+    # sid, sw and run are updated in place (they alias results 0, 1, 2).
+    first = 3 if has_mask else 2  # operand index of sid: the array arguments before it
     sid, sw, _ = launch(
         scatter, (nchunk, 1, 1),
         [ids, w, mask, sid, sw, run, T, K, E, chunk],
         [jax.ShapeDtypeStruct((P,), i32), jax.ShapeDtypeStruct((P,), f32),
          jax.ShapeDtypeStruct((nchunk * nbins,), i32)],
-        input_output_aliases={3: 0, 4: 1, 5: 2}, name="moe_sort_scatter")
+        input_output_aliases={first: 0, first + 1: 1, first + 2: 2}, name="moe_sort_scatter")
     return sorting.SortResult(sid, sw, sexp, nv)
 
 
-def quantize_mx(x, fmt: str):
+def quantize(x, fmt: str):
     """x [N, K] -> (bytes, scale) like formats.quantize_mxfp4 / quantize_mxfp8, on the GPU."""
-    if fmt not in ("mxfp4", "mxfp8"):
-        raise ValueError(f"fmt: expected 'mxfp4' or 'mxfp8', got {fmt!r}")
-    if x.ndim != 2 or x.shape[1] % 32:
-        raise ValueError(f"x: expected [N, K] with K a multiple of 32, got {x.shape}")
-    ffi = _ffi()
+    layer_spec.mx_format(fmt)
+    if x.ndim != 2 or x.shape[1] % layer_spec.MX_BLOCK:
+        raise ValueError(f"x: expected [N, K] with K a multiple of {layer_spec.MX_BLOCK}, got {x.shape}")
     N, K = x.shape
     fp8 = fmt == "mxfp8"
     br, bk = 4, 256
@@ -140,16 +144,9 @@ def _quant_dequant(x, *, fp8: bool):
     br, bk = 4, 256
     kern = kernel("mx_quant", "mx_quant_dequant", num_warps=4,
                   x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name], BLOCK_R=br, BLOCK_K=bk, FP8=fp8)
-    (y,) = launch(kern, (-(-N // br), -(-K // bk), 1), [x, _ffi().Out(0), N, K],
+    (y,) = launch(kern, (-(-N // br), -(-K // bk), 1), [x, ffi.Out(0), N, K],
                   [jax.ShapeDtypeStruct((N, K), jnp.bfloat16)], name="mx_quant_dequant")
     return y
-
-
-def max_blocks(n: int, E: int, BM: int) -> int:
-    """The most BM-row blocks n entries over E experts can fill: with u experts
-    in use, sum(ceil(c_e / BM)) <= u + (n - u) // BM, largest at u = min(E, n)."""
-    u = min(E, n)
-    return u + (n - u) // BM
 
 
 def direct_entries(n: int) -> int:
@@ -163,11 +160,15 @@ def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
-        deterministic=False, expert_mask=None, swiglu_alpha=1.702, swiglu_limit=7.0):
-    if not supports(quant, activation):
-        raise ValueError(f"quant/activation: no Triton kernels for {quant!r}/{activation!r}")
-    ffi = _ffi()
+def _activation_args(activation):
+    """(ACT constexpr, alpha, limit) of a spec.Activation: the kernels take the
+    swiglu parameters as f32 arguments (0 for activations without them)."""
+    params = dict(activation.params)
+    return activation.code, float(params.get("alpha", 0.0)), float(params.get("limit", 0.0))
+
+
+def moe(x, weights, topk_weights, topk_ids, expert_mask=None, *, spec, deterministic=False):
+    """The layer (docs/DESIGN.md §1) for ``spec`` on an sm_90 GPU: y [T, H] in x's dtype."""
     # The kernels read the canonical layout and the sm90 one (contiguous
     # 64 x 128 tiles: faster, cuda_layout.py); any other is converted.
     w = weights if weights.layout == LAYOUT_NAME else weights.canonical()
@@ -181,13 +182,13 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
     cfg = choose_config(T, K, E, H, I, deterministic=deterministic, direct=direct)
     BM = cfg.block_m
     g1, g2 = cfg.gemm1, cfg.gemm2
-    grid_m = max_blocks(n, E, BM)
-    fmt = _ACT_FORMAT[quant]
+    grid_m = sorting.max_blocks(n, E, BM)
+    fmt = spec.mode.code
     a_fmt = fmt
     if fmt and not g1.fuse_x_quant:
-        x = _quant_dequant(x, fp8=fmt == 2)
-        a_fmt = 0
-    act = _ACT_CODE[activation]
+        x = _quant_dequant(x, fp8=spec.mode.act_format == "mxfp8")
+        a_fmt = layer_spec.BF16_CODE
+    act, alpha, limit = _activation_args(spec.activation)
     # The 2**126 of the kernels' raw E2M1 bits rides on the scales when every
     # scale byte is small enough (known when the weights were built).
     fold = w.scale_max is not None and w.scale_max <= FOLD_MAX_SCALE_BYTE
@@ -197,9 +198,9 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         nmax = direct_entries(n)
         if not deterministic:
             return _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90,
-                           out_dtype, float(swiglu_alpha), float(swiglu_limit))
-        route1 = [ids, ids, ids]  # sid, sexp, nv: topk_ids (the last two unused)
-        route2 = [ids, tw, ids, ids]  # sid, sw, sexp, nv
+                           out_dtype, alpha, limit)
+        route1 = [ids, None, None]  # sid (topk_ids), sexp, nv: none in DIRECT
+        route2 = [ids, tw, None, None]  # sid, sw (topk_weights), sexp, nv
         P = grid_m * BM
     else:
         nmax = 1
@@ -209,7 +210,6 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
         route2 = [s.sorted_token_ids, s.sorted_weights, s.sorted_expert_ids, s.num_valid]
         P = s.sorted_token_ids.shape[0]
         grid_m = min(sorting.num_blocks(T, K, n_sort, BM), grid_m)
-    dummy = route2[1]  # an f32 buffer standing in for absent pointers (never read)
     grid1 = (-(-I // g1.block_n), grid_m, g1.split_k)
     grid2 = (-(-H // g2.block_n), grid_m, g2.split_k)
 
@@ -220,14 +220,13 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 SWAP=g1.swap, SPLIT_K=g1.split_k, FOLD=fold, EVEN_K=H % g1.block_k == 0,
                 DIRECT=direct, NMAX=nmax, TILED=sm90)
     outs1 = [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)]
-    part = dummy
+    part = None
     if g1.split_k > 1:  # zeroed: partial sums per routed entry, then a counter per tile
         part = ffi.Out(1)
         outs1.append(jax.ShapeDtypeStruct((n * 2 * I + grid1[0] * grid_m,), jnp.float32))
     inter = launch(
         k1, grid1,
-        [x, w.w1, w.w1_scale, dummy if w.b1 is None else w.b1, *route1, ffi.Out(0), part,
-         T, H, I, E, K, float(swiglu_alpha), float(swiglu_limit)],
+        [x, w.w1, w.w1_scale, w.b1, *route1, ffi.Out(0), part, T, H, I, E, K, alpha, limit],
         outs1, zero_outputs=(1,) if g1.split_k > 1 else (), name="moe_gemm1")[0]
 
     k2 = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages,
@@ -237,8 +236,7 @@ def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant="a16w4",
                 TILED=sm90)
     y_shape = (T, K, H) if deterministic else (T, H)
     (acc,) = launch(k2, grid2,
-                    [inter, w.w2, w.w2_scale, dummy if w.b2 is None else w.b2, *route2,
-                     ffi.Out(0), T, H, I, E, K],
+                    [inter, w.w2, w.w2_scale, w.b2, *route2, ffi.Out(0), T, H, I, E, K],
                     [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,),
                     name="moe_gemm2")
     if deterministic:
@@ -255,7 +253,7 @@ _SYNC_STRIDE = 32
 
 def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_dtype, alpha,
             limit, trace=False):
-    """The layer at decode size as one launch of moe_gemm.moe_decode: gemm1's
+    """The layer at decode size as one launch of moe_decode.moe_decode: gemm1's
     programs, then gemm2's, which wait for gemm1's tiles; one scratch holds
     gemm1's split-K sums and counters, y (f32), gemm2's counters, the
     launch's ticket and a counter per row block. The kernel leaves the
@@ -265,7 +263,6 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
     trace: also return each program's times (moe_decode TRACE): uint32
     [programs, 16], int64 [programs, 8] viewed on the host: start, routed,
     ready, end (ns), SM; the scratch is then a zeroed result that holds them."""
-    ffi = _ffi()
     T, H = x.shape
     E, I, K = w.num_experts, w.intermediate, ids.shape[0] // T
     BM, g1, g2 = cfg.block_m, cfg.gemm1, cfg.gemm2
@@ -280,7 +277,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
                                                                 g1.num_warps)
     slice1 = config.gemm1_slice_steps(-(-H // g1.block_k), g1.split_k,
                                             n1 * grid_m * g1.split_k, slots)
-    kern = kernel("moe_gemm", "moe_decode", num_warps=g1.num_warps, num_stages=g1.num_stages,
+    kern = kernel("moe_decode", "moe_decode", num_warps=g1.num_warps, num_stages=g1.num_stages,
                   maxnreg=cfg.decode_maxnreg,
                   x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                   out_dtype=TRITON_DTYPE[jnp.dtype(out_dtype).name],
@@ -291,8 +288,7 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
                   EVEN_K1=H % g1.block_k == 0, EVEN_K2=I % g2.block_k == 0, NMAX=nmax,
                   CAST_T=_pow2_at_least(max(T, 16)), TILED=sm90, TRACE=trace,
                   SLICE1=slice1, SYNC_STRIDE=_SYNC_STRIDE)
-    b1 = tw if w.b1 is None else w.b1  # tw: an f32 stand-in, never read
-    b2 = tw if w.b2 is None else w.b2
+    b1, b2 = w.b1, w.b2
     trace_off = _pad16(sync_end)  # moe_gemm._trace's offset
     inter_type = jax.ShapeDtypeStruct((grid_m * BM, I), jnp.bfloat16)
     out_type = jax.ShapeDtypeStruct((T, H), out_dtype)

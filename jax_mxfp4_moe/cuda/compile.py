@@ -170,14 +170,14 @@ def source_hash() -> str:
 # ---------------------------------------------------------------------------
 
 _SIGNATURES = {
-    ("moe_sort", "moe_sort_one"): dict(
+    ("moe_sort", "moe_sort_oneshot"): dict(
         ids_ptr="*i32", w_ptr="*fp32", mask_ptr="*i32", sid_ptr="*i32", sw_ptr="*fp32",
         sexp_ptr="*i32", nv_ptr="*i32", run_ptr="*i32", T="i32", K="i32", E="i32", P="i32",
         NB="i32"),
     ("moe_sort", "moe_sort_count"): dict(
         ids_ptr="*i32", mask_ptr="*i32", sid_ptr="*i32", sw_ptr="*fp32", counts_ptr="*i32",
         T="i32", K="i32", E="i32", P="i32", CHUNK="i32"),
-    ("moe_sort", "moe_sort_layout"): dict(
+    ("moe_sort", "moe_sort_offsets"): dict(
         counts_ptr="*i32", mask_ptr="*i32", sexp_ptr="*i32", nv_ptr="*i32", run_ptr="*i32",
         T="i32", E="i32", NB="i32", NCHUNK="i32"),
     ("moe_sort", "moe_sort_scatter"): dict(
@@ -195,7 +195,7 @@ _SIGNATURES = {
         inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
         sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32",
         T="i32", H="i32", I="i32", E="i32", TOPK="i32"),
-    ("moe_gemm", "moe_decode"): dict(
+    ("moe_decode", "moe_decode"): dict(
         x_ptr="*{x}", w1_ptr="*u8", w1s_ptr="*u8", b1_ptr="*fp32", w2_ptr="*u8", w2s_ptr="*u8",
         b2_ptr="*fp32", ids_ptr="*i32", tw_ptr="*fp32", inter_ptr="*bf16", scratch_ptr="*fp32",
         out_ptr="*{out}", T="i32", H="i32", I="i32", E="i32", TOPK="i32", grid_m="i32",
@@ -211,7 +211,7 @@ _MULTIPLES_OF_16 = {
     ("mx_quant", "mx_quant_dequant"): ("K",),
     ("moe_gemm", "moe_gemm1"): ("H", "I"),
     ("moe_gemm", "moe_gemm2"): ("H", "I"),
-    ("moe_gemm", "moe_decode"): ("H", "I", "cnt1_off", "y_off", "cnt2_off", "sync_off"),
+    ("moe_decode", "moe_decode"): ("H", "I", "cnt1_off", "y_off", "cnt2_off", "sync_off"),
 }
 
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

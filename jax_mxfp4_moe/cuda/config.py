@@ -14,9 +14,9 @@ NUM_SMS = 132  # H100 SXM / H200; used only to size split-K
 
 # Sort: one program up to this many (token, slot) entries, else chunked
 # (sort_chunk). A program places its entries 128 at a time, one batch after
-# another (~5 us each on an H100: moe_sort_one took 90 us at 2048 entries).
-SORT_ONE_MAX = 512
-SORT_LAYOUT_GROUP = 8  # chunk histograms per load in moe_sort_layout
+# another (~5 us each on an H100: the one-program sort took 90 us at 2048 entries).
+SORT_ONESHOT_MAX_ENTRIES = 512
+SORT_OFFSETS_GROUP = 8  # chunk histograms per load in moe_sort_offsets
 
 
 def sort_chunk(n: int) -> int:

@@ -21,9 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from jax_mxfp4_moe.numerics.formats import E8M0_BIAS, E8M0_NAN, FP8_MAX, MX_BLOCK  # constants only
+from jax_mxfp4_moe.spec import as_activation, quant_mode  # names and parameters only
 
-ACTIVATIONS = ("silu", "swiglu_oai")
-QUANT_MODES = ("a4w4", "a8w4", "a16w4")
 _EMAX = {"a4w4": 2, "a8w4": 8}
 
 
@@ -86,29 +85,34 @@ def quantize_dequantize(v: np.ndarray, quant: str) -> np.ndarray:
     return out
 
 
-def _act(h, activation, gate_up, alpha, limit):
+def _act(h, activation, gate_up):
     I = h.shape[-1] // 2
     if gate_up == "separated":
         g, u = h[..., :I], h[..., I:]
     else:
         g, u = h[..., 0::2], h[..., 1::2]
-    if activation == "silu":
+    if activation.name == "silu":
         return g / (1.0 + np.exp(-g)) * u
-    g = np.minimum(g, limit)
-    u = np.clip(u, -limit, limit)
-    return g / (1.0 + np.exp(-alpha * g)) * (u + 1.0)
+    if activation.name == "swiglu_oai":
+        alpha, limit = activation.param("alpha"), activation.param("limit")
+        g = np.minimum(g, limit)
+        u = np.clip(u, -limit, limit)
+        return g / (1.0 + np.exp(-alpha * g)) * (u + 1.0)
+    raise NotImplementedError(f"reference: no definition of activation {activation.name!r}")
 
 
-def moe(x, weights, topk_weights, topk_ids, *, activation: str = "silu", quant: str = "a16w4",
-        swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+def moe(x, weights, topk_weights, topk_ids, *, activation="silu", quant: str = "a16w4",
         quantize_activations: bool = True) -> np.ndarray:
-    """y [T, H] float64 for canonical-layout MoEWeights (see docs/DESIGN.md §1)."""
+    """y [..., H] float64 for canonical-layout MoEWeights (docs/DESIGN.md §1);
+    x [..., H], topk_* [..., k]; activation a name or ``spec.Activation``."""
     if weights.layout != "canonical":
         raise ValueError(f"weights: the reference reads the canonical layout, got {weights.layout!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    if quant not in QUANT_MODES:
-        raise ValueError(f"quant: expected one of {QUANT_MODES}, got {quant!r}")
+    activation = as_activation(activation)
+    quant_mode(quant)
+    lead = np.shape(x)[:-1]
+    x = np.reshape(x, (-1, np.shape(x)[-1]))
+    topk_ids = np.reshape(np.asarray(topk_ids), (-1, np.shape(topk_ids)[-1]))
+    topk_weights = np.reshape(np.asarray(topk_weights), (-1, np.shape(topk_weights)[-1]))
     x = np.asarray(np.asarray(x).astype(np.float32), np.float64)
     ids = np.asarray(topk_ids).astype(np.int64)
     tw = np.asarray(topk_weights).astype(np.float64)
@@ -133,9 +137,9 @@ def moe(x, weights, topk_weights, topk_ids, *, activation: str = "silu", quant: 
                 h = w1 @ xq[t]
                 if b1 is not None:
                     h = h + b1[e]
-                a = q(_act(h, activation, weights.gate_up, swiglu_alpha, swiglu_limit))
+                a = q(_act(h, activation, weights.gate_up))
                 o = w2 @ a
                 if b2 is not None:
                     o = o + b2[e]
                 y[t] += tw[t, j] * o
-    return y
+    return y.reshape(*lead, H)

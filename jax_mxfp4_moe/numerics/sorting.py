@@ -5,8 +5,8 @@ Output for block size BM, T tokens, top-k k and E experts
 
 - ``sorted_token_ids[P]`` int32: entries grouped by expert in expert order,
   within an expert by (token, slot); each expert's group padded to a multiple
-  of BM.  An entry packs ``(slot << 24) | token``; padding and unused entries
-  hold ``(k << 24) | T``.
+  of BM.  An entry packs ``(slot << 24) | token`` (``spec.pack_entry``);
+  padding and unused entries hold ``(k << 24) | T``.
 - ``sorted_weights[P]`` f32: ``topk_weights[token, slot]``, 0 for padding.
 - ``sorted_expert_ids[ceil(P / BM)]`` int32: the (local) expert of each block,
   -1 past the used blocks.
@@ -27,10 +27,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-TOKEN_BITS = 24
-TOKEN_MASK = (1 << TOKEN_BITS) - 1
-MAX_TOKENS = 1 << TOKEN_BITS
-BLOCK_SIZES = (16, 32, 64, 128)
+from jax_mxfp4_moe.spec import BLOCK_SIZES, MAX_TOKENS, pack_entry, padding_entry, unpack_entry
+
+# The sort's stages on both kernel backends: one launch up to a backend's
+# SORT_ONESHOT_MAX_ENTRIES routed entries, else count (per-chunk histograms) ->
+# offsets (expert offsets, block expert ids, per-chunk bases) -> scatter.
+SORT_STAGES = ("oneshot", "count", "offsets", "scatter")
+
+__all__ = ["SORT_STAGES", "SortResult", "sorted_size", "num_blocks", "max_blocks", "moe_sort", "group_sizes",
+           "local_expert_ids", "BLOCK_SIZES", "MAX_TOKENS", "pack_entry", "padding_entry",
+           "unpack_entry"]
 
 
 class SortResult(NamedTuple):
@@ -46,16 +52,16 @@ def sorted_size(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> 
 
 
 def num_blocks(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int:
+    """Length of ``sorted_expert_ids``: the BM-row blocks of P."""
     return -(-sorted_size(num_tokens, top_k, num_experts, block_m) // block_m)
 
 
-def padding_entry(num_tokens: int, top_k: int) -> int:
-    return (top_k << TOKEN_BITS) | num_tokens
-
-
-def unpack_entry(entries):
-    """(token, slot) of packed sorted_token_ids entries."""
-    return entries & TOKEN_MASK, entries >> TOKEN_BITS
+def max_blocks(entries: int, num_experts: int, block_m: int) -> int:
+    """The most BM-row blocks ``entries`` routed entries over E experts can
+    fill (every block past it is unused): with u experts in use,
+    sum(ceil(c_e / BM)) <= u + (n - u) // BM, largest at u = min(E, n)."""
+    used = min(num_experts, entries)
+    return used + (entries - used) // block_m
 
 
 def local_expert_ids(topk_ids: jax.Array, num_experts: int, expert_mask=None) -> jax.Array:
@@ -72,8 +78,9 @@ def local_expert_ids(topk_ids: jax.Array, num_experts: int, expert_mask=None) ->
 
 def moe_sort(topk_ids: jax.Array, topk_weights: jax.Array, *, num_experts: int,
              block_m: int, expert_mask=None) -> SortResult:
-    if block_m not in BLOCK_SIZES:
-        raise ValueError(f"block_m: expected one of {BLOCK_SIZES}, got {block_m}")
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"block_m: expected a positive int (the kernels use {BLOCK_SIZES}), "
+                         f"got {block_m!r}")
     if topk_ids.ndim != 2 or topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"topk_ids/topk_weights: expected equal [T, k] shapes, got "
@@ -102,8 +109,7 @@ def moe_sort(topk_ids: jax.Array, topk_weights: jax.Array, *, num_experts: int,
     rank = jnp.arange(T * k, dtype=jnp.int32) - start[e]
     dest = jnp.where(valid, padded_start[e] + rank, P)  # P: dropped by mode="drop"
 
-    token, slot = order // k, order % k
-    entries = (slot << TOKEN_BITS) | token
+    entries = pack_entry(order // k, order % k)
     sorted_ids = jnp.full((P,), padding_entry(T, k), jnp.int32).at[dest].set(entries, mode="drop")
     sorted_w = jnp.zeros((P,), jnp.float32).at[dest].set(
         topk_weights.reshape(-1).astype(jnp.float32)[order], mode="drop")

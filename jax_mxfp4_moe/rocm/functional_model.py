@@ -1,12 +1,12 @@
 """NumPy functional model of the gfx950 kernels, built on their own index math.
 
-Each function follows its kernel step by step with the same
+Each function follows its kernel step n_tile step with the same
 ``rocm_index`` functions: the sort model walks the entries 64 at a time with
-ballot-style key groups; the GEMM models read, lane by lane, exactly the
+ballot-style key groups; the GEMM models read, lane n_tile lane, exactly the
 bytes a lane loads (pre-shuffled weight tiles, gathered activation rows),
 place them where the scaled MFMA reads them (A row ``operand_row(l)``,
 K ``operand_k(l, j, fmt)``; elements 2i in low nibbles), multiply, hand the result
-back to lanes by ``result_row``/``result_col``, and run the epilogue through
+back to lanes n_tile ``result_row``/``result_col``, and run the epilogue through
 the same LDS mapping.  Compared with ``reference.moe`` (tests), this catches
 wrong lane-to-K mappings, scale bytes of the wrong block, gate/up placement
 errors and wrong scatter rows without an AMD GPU.  What it cannot check is
@@ -18,11 +18,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from jax_mxfp4_moe import spec
 from jax_mxfp4_moe.numerics import formats
 from jax_mxfp4_moe.rocm import geometry as ix
 
 _LANES = np.arange(ix.WAVE)
-_FMT = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
 
 
 # ------------------------------------------------------------------ sort
@@ -169,13 +169,9 @@ def _mainloop(a_flat, as_flat, a_row_off, as_row_off, fmt, w_flat, ws_flat, nb, 
     return acc
 
 
-def _act(g, u, activation, alpha, limit):
+def _act(g, u, activation):
     with np.errstate(over="ignore"):
-        if activation == "silu":
-            return g / (1.0 + np.exp(-g)) * u
-        g = np.minimum(g, limit)
-        u = np.clip(u, -limit, limit)
-        return g / (1.0 + np.exp(-alpha * g)) * (u + 1.0)
+        return spec.as_activation(activation).numpy(g, u)
 
 
 def _quantize(v, fmt):
@@ -184,9 +180,9 @@ def _quantize(v, fmt):
 
 # ------------------------------------------------------------------ gemm1
 def gemm1_model(xq, xs, w1, w1_scale, b1, sorted_ids, sorted_expert_ids, num_valid, *, tokens,
-                hidden, intermediate, quant, activation, gate_up, swiglu_alpha=1.702, swiglu_limit=7.0):
+                hidden, intermediate, quant, activation, gate_up):
     """The gemm1 kernel over all blocks: (inter [P, Ip(/2)] u8, inter_scale [P, Ip/32] u8)."""
-    fmt = _FMT[quant]
+    fmt = spec.quant_mode(quant).act_format
     Hp, Ip = ix.padded_dims(hidden, intermediate)
     kblocks = Hp // ix.MFMA_K
     a_row = Hp // 2 if fmt == "mxfp4" else Hp
@@ -197,19 +193,19 @@ def gemm1_model(xq, xs, w1, w1_scale, b1, sorted_ids, sorted_expert_ids, num_val
     xq_flat = np.asarray(xq, np.uint8).reshape(-1)[: tokens * a_row]
     xs_flat = np.asarray(xs, np.uint8).reshape(-1)[: tokens * (Hp // ix.MX_BLOCK)]
     sid = np.asarray(sorted_ids).astype(np.int64)
-    for bx in range(len(sorted_expert_ids)):
-        eid = int(sorted_expert_ids[bx])
-        row0 = bx * ix.BM
+    for row_block in range(len(sorted_expert_ids)):
+        eid = int(sorted_expert_ids[row_block])
+        row0 = row_block * ix.BM
         if not (row0 < num_valid[0] and 0 <= eid < w1.shape[0]):
             continue
         w_flat = np.asarray(w1[eid], np.uint8).reshape(-1)
         ws_flat = np.asarray(w1_scale[eid], np.uint8).reshape(-1)
-        for by in range(Ip // ix.BN):
-            c0 = by * ix.BN
+        for n_tile in range(Ip // ix.BN):
+            c0 = n_tile * ix.BN
             pre = np.zeros((ix.BM, ix.G1_LDS_COLS))
             for wave in range(ix.WAVES):
                 for s in range(ix.M_TILES):
-                    tok = sid[row0 + s * ix.MFMA_M + ix.operand_row(_LANES)] & 0xFFFFFF
+                    tok = sid[row0 + s * ix.MFMA_M + ix.operand_row(_LANES)] & spec.TOKEN_MASK
                     for t in range(ix.G1_TILES_PER_WAVE):
                         t_row, t_col = ix.gemm1_tile(wave, t, c0, intermediate, gate_up)
                         acc = _mainloop(xq_flat, xs_flat, tok * a_row, tok * (Hp // ix.MX_BLOCK), fmt,
@@ -221,7 +217,7 @@ def gemm1_model(xq, xs, w1, w1_scale, b1, sorted_ids, sorted_expert_ids, num_val
             r, jb = ix.epilogue_block(tid)
             j = jb * ix.MX_BLOCK + np.arange(ix.MX_BLOCK)[None, :]
             gc, uc = ix.gemm1_lds_gate_up(j, gate_up)
-            h = _act(pre[r, gc], pre[r, uc], activation, swiglu_alpha, swiglu_limit)
+            h = _act(pre[r, gc], pre[r, uc], activation)
             h = np.where(c0 + j < intermediate, h, 0.0).astype(np.float32)
             q, sc = _quantize(h, fmt)  # [threads, bytes], [threads, 1]
             nb = q.shape[1]
@@ -236,7 +232,7 @@ def gemm1_model(xq, xs, w1, w1_scale, b1, sorted_ids, sorted_expert_ids, num_val
 def gemm2_model(inter, inter_s, w2, w2_scale, b2, sorted_ids, sorted_weights, sorted_expert_ids,
                 num_valid, *, tokens, hidden, intermediate, quant):
     """The gemm2 kernel: y [T, Hp] float32, bf16 atomics emulated in sorted order."""
-    fmt = _FMT[quant]
+    fmt = spec.quant_mode(quant).act_format
     Hp, Ip = ix.padded_dims(hidden, intermediate)
     kblocks = Ip // ix.MFMA_K
     a_row = Ip // 2 if fmt == "mxfp4" else Ip
@@ -244,15 +240,15 @@ def gemm2_model(inter, inter_s, w2, w2_scale, b2, sorted_ids, sorted_weights, so
     as_flat = np.asarray(inter_s, np.uint8).reshape(-1)
     y = np.zeros((tokens, Hp), ml_dtypes.bfloat16)
     sid = np.asarray(sorted_ids).astype(np.int64)
-    for bx in range(len(sorted_expert_ids)):
-        eid = int(sorted_expert_ids[bx])
-        row0 = bx * ix.BM
+    for row_block in range(len(sorted_expert_ids)):
+        eid = int(sorted_expert_ids[row_block])
+        row0 = row_block * ix.BM
         if not (row0 < num_valid[0] and 0 <= eid < w2.shape[0]):
             continue
         w_flat = np.asarray(w2[eid], np.uint8).reshape(-1)
         ws_flat = np.asarray(w2_scale[eid], np.uint8).reshape(-1)
-        for by in range(Hp // ix.BN):
-            c0 = by * ix.BN
+        for n_tile in range(Hp // ix.BN):
+            c0 = n_tile * ix.BN
             out = np.zeros((ix.BM, ix.BN), np.float32)
             for wave in range(ix.WAVES):
                 for s in range(ix.M_TILES):
@@ -268,7 +264,7 @@ def gemm2_model(inter, inter_s, w2, w2_scale, b2, sorted_ids, sorted_weights, so
             pairs = [ix.gemm2_pair(tid, it) for it in range(ix.G2_PAIRS // ix.G2_THREADS)]
             rows = np.concatenate([p[0] for p in pairs])
             cols = np.concatenate([p[1] for p in pairs])
-            # each (row, column pair) of the tile is added by exactly one thread
+            # each (row, column pair) of the tile is added n_tile exactly one thread
             assert len(set(zip(rows.tolist(), cols.tolist()))) == ix.G2_PAIRS
             v = np.zeros((ix.BM, ix.BN), np.float32)
             v[rows, cols] = out[rows, cols]
@@ -276,8 +272,8 @@ def gemm2_model(inter, inter_s, w2, w2_scale, b2, sorted_ids, sorted_weights, so
             if b2 is not None:
                 v = v + np.asarray(b2[eid], np.float32)[c0:c0 + ix.BN]
             v = (v * np.asarray(sorted_weights, np.float32)[row0:row0 + ix.BM, None]).astype(ml_dtypes.bfloat16)
-            for r in range(ix.BM):  # one atomic bf16 add per element, row by row
-                token = sid[row0 + r] & 0xFFFFFF
+            for r in range(ix.BM):  # one atomic bf16 add per element, row n_tile row
+                token = sid[row0 + r] & spec.TOKEN_MASK
                 if token < tokens:
                     y[token, c0:c0 + ix.BN] = (y[token, c0:c0 + ix.BN].astype(np.float32)
                                                + v[r].astype(np.float32)).astype(ml_dtypes.bfloat16)
@@ -285,8 +281,7 @@ def gemm2_model(inter, inter_s, w2, w2_scale, b2, sorted_ids, sorted_weights, so
 
 
 # --------------------------------------------------------------- pipeline
-def moe_model(x, weights, topk_weights, topk_ids, *, quant, activation, expert_mask=None,
-              swiglu_alpha=1.702, swiglu_limit=7.0):
+def moe_model(x, weights, topk_weights, topk_ids, *, quant, activation, expert_mask=None):
     """The whole gfx950 pipeline on gfx950-layout weights: y [T, H] float32."""
     x = np.asarray(np.asarray(x).astype(np.float32))
     T, H = x.shape
@@ -295,12 +290,12 @@ def moe_model(x, weights, topk_weights, topk_ids, *, quant, activation, expert_m
     sort_E = E if expert_mask is None else len(expert_mask)
     sid, sw, se, nv = sort_model(topk_ids, topk_weights, num_experts=sort_E, block_m=ix.BM,
                                  expert_mask=expert_mask)
-    xq, xs = _quantize(np.pad(x, ((0, 0), (0, Hp - H))), _FMT[quant])
+    xq, xs = _quantize(np.pad(x, ((0, 0), (0, Hp - H))), spec.quant_mode(quant).act_format)
     b1 = None if weights.b1 is None else np.asarray(weights.b1)
     b2 = None if weights.b2 is None else np.asarray(weights.b2)
     inter, inter_s = gemm1_model(xq, xs, np.asarray(weights.w1), np.asarray(weights.w1_scale), b1, sid, se, nv,
                                  tokens=T, hidden=H, intermediate=I, quant=quant, activation=activation,
-                                 gate_up=weights.gate_up, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+                                 gate_up=weights.gate_up)
     y = gemm2_model(inter, inter_s, np.asarray(weights.w2), np.asarray(weights.w2_scale), b2, sid, sw, se, nv,
                     tokens=T, hidden=H, intermediate=I, quant=quant)
     return y[:, :H]

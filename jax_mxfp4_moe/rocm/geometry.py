@@ -207,9 +207,10 @@ def quant_grid(rows, cols):
     return (max(1, (blocks + QUANT_BLOCK - 1) // QUANT_BLOCK), 1, 1)
 
 
+# GEMM grids are (n_tiles, row_blocks, k_splits), as on the CUDA backend.
 def gemm1_grid(num_sorted_blocks, intermediate_padded):
-    return (num_sorted_blocks, intermediate_padded // BN, 1)
+    return (intermediate_padded // BN, num_sorted_blocks, 1)
 
 
 def gemm2_grid(num_sorted_blocks, hidden_padded):
-    return (num_sorted_blocks, hidden_padded // BN, 1)
+    return (hidden_padded // BN, num_sorted_blocks, 1)

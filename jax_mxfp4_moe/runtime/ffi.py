@@ -286,7 +286,10 @@ def _encode_args(kernel: Kernel, args: Sequence[Any], num_results: int):
         where = f"args[{i}] ({kind})"
         kinds.append(_KINDS[kind][0])
         if kind in _POINTER_KINDS:
-            if isinstance(arg, Workspace):
+            if arg is None:  # an absent buffer: a NULL pointer the kernel never reads
+                kinds[-1] = _KINDS["null"][0]
+                values.append(0)
+            elif isinstance(arg, Workspace):
                 if _WORKSPACE_CODE in kinds[:-1]:
                     raise ValueError(f"{where}: a launch has at most one Workspace")
                 kinds[-1] = _WORKSPACE_CODE
@@ -300,8 +303,8 @@ def _encode_args(kernel: Kernel, args: Sequence[Any], num_results: int):
                 values.append(len(operands))
                 operands.append(arg)
             else:
-                raise TypeError(
-                    f"{where}: expected an array, Out(i) or Workspace(n), got {type(arg).__name__}")
+                raise TypeError(f"{where}: expected an array, Out(i), Workspace(n) or None, "
+                                f"got {type(arg).__name__}")
         elif kind == "null":
             if arg is not None:
                 raise TypeError(f"{where}: expected None, got {type(arg).__name__}")
@@ -398,7 +401,8 @@ def launch(kernel: Kernel, grid, args: Sequence[Any], out_types, *,
     """Launches ``kernel`` on ``grid`` (1 to 3 block counts) under jit.
 
     ``args`` holds one entry per kernel parameter: a jax array (an operand),
-    :class:`Out` (a result) or :class:`Workspace` for "ptr", a Python int for
+    :class:`Out` (a result), :class:`Workspace` or None (an absent buffer,
+    passed as a NULL pointer: the one convention of both backends) for "ptr", a Python int for
     "i32"/"u32"/"i64", a Python float for "f32", None for "null". ``out_types`` lists the
     results (``jax.ShapeDtypeStruct``); results in ``zero_outputs`` are
     zero-filled on the stream before the launch. ``input_output_aliases``

@@ -23,7 +23,6 @@ waited for (``sync_time_s``: the host's fixed cost of a jit call included).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -33,31 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mxfp4_moe.numerics import formats, jnp_layer as jnp_impl
+from jax_mxfp4_moe import spec
+from jax_mxfp4_moe.numerics import formats, jnp_layer
 from jax_mxfp4_moe.layer import layouts
 from jax_mxfp4_moe.layer.weights import MoEWeights
 
 MXFP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32  # fp4 element + its share of a scale byte
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    num_experts: int
-    top_k: int
-    hidden: int
-    intermediate: int
-    activation: str
-    gate_up: str
-    bias: bool
-
-
-PRESETS = {
-    "gpt-oss-120b": Preset(128, 4, 2880, 2880, "swiglu_oai", "interleaved", True),
-    "gpt-oss-20b": Preset(32, 4, 2880, 2880, "swiglu_oai", "interleaved", True),
-    "deepseek-v3": Preset(256, 8, 7168, 2048, "silu", "separated", False),
-    "qwen3-30b-a3b": Preset(128, 8, 2048, 768, "silu", "separated", False),
-    "tiny": Preset(8, 2, 128, 64, "silu", "separated", True),  # CPU smoke test
-}
+# The presets are the layer spec's (spec.PRESETS): a LayerSpec each.
+PRESETS = spec.PRESETS
+Preset = spec.LayerSpec
 
 BASELINES = ("bf16_ragged_dot", "mxfp4_dequant_ragged_dot", "mosaic_gpu_ragged_dot")
 
@@ -134,8 +119,8 @@ def random_weights(p: Preset, key) -> MoEWeights:
 
     # Scales near 2**-5 keep activations O(1) through both layers.
     sc = lambda k, shape: jax.random.randint(k, shape, 119, 124, jnp.int32).astype(jnp.uint8)
-    b1 = jax.random.normal(ks[4], (E, 2 * I), jnp.float32) * 0.1 if p.bias else None
-    b2 = jax.random.normal(ks[5], (E, H), jnp.float32) * 0.1 if p.bias else None
+    b1 = jax.random.normal(ks[4], (E, 2 * I), jnp.float32) * 0.1 if p.has_b1 else None
+    b2 = jax.random.normal(ks[5], (E, H), jnp.float32) * 0.1 if p.has_b2 else None
     return MoEWeights(u8(ks[0], (E, 2 * I, H // 2)), sc(ks[1], (E, 2 * I, H // 32)),
                       u8(ks[2], (E, H, I // 2)), sc(ks[3], (E, H, I // 32)), b1, b2,
                       num_experts=E, hidden=H, intermediate=I,
@@ -155,7 +140,7 @@ def random_routings(p: Preset, T: int, count: int, seed: int):
 def expert_bytes(p: Preset) -> float:
     """HBM bytes of one expert in MXFP4 (+ f32 biases)."""
     elems = 3 * p.hidden * p.intermediate
-    return elems * MXFP4_BYTES_PER_WEIGHT + (4 * (3 * p.intermediate + p.hidden) if p.bias else 0)
+    return elems * MXFP4_BYTES_PER_WEIGHT + 4 * (2 * p.intermediate * p.has_b1 + p.hidden * p.has_b2)
 
 
 def touched_bytes(p: Preset, ids: np.ndarray, T: int) -> float:
@@ -164,7 +149,7 @@ def touched_bytes(p: Preset, ids: np.ndarray, T: int) -> float:
 
 
 def flops(p: Preset, T: int) -> float:
-    return 2.0 * T * p.top_k * 3 * p.hidden * p.intermediate
+    return p.flops(T)
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +172,7 @@ def _layer_dense(x, topk_weights, topk_ids, w1t, w2t, b1, b2, p: Preset, matmul)
     e_sorted = topk_ids.reshape(-1)[order]
     if b1 is not None:
         h = h + b1[e_sorted]
-    a = jnp_impl.activation_fn(h, p.activation, p.gate_up, 1.702, 7.0).astype(x.dtype)
+    a = jnp_layer.activation_fn(h, p.activation, p.gate_up).astype(x.dtype)
     o = matmul(a, w2t, sizes).astype(jnp.float32)
     if b2 is not None:
         o = o + b2[e_sorted]
@@ -290,14 +275,14 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
                   hbm_bytes_per_s=bw, bf16_flops_per_s=peak)
     log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
         f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
-    from jax_mxfp4_moe.layer import api
-    mod = api._select(backend, quant, p.activation)
-    impl = mod.__name__
+    from jax_mxfp4_moe.layer import primitive
+    impl = primitive.choose_path(primitive.device_platform(dev), p.replace(quant=quant), backend)
     if layout == "auto":
-        layout = getattr(mod, "LAYOUT_NAME", layouts.CANONICAL)
+        layout = (layouts.CANONICAL if impl == "jnp"
+                  else primitive.kernel_backend(impl).LAYOUT_NAME)
     header["ours"], header["layout"] = impl, layout
     log(f"# preset {preset}: E={p.num_experts} k={p.top_k} H={p.hidden} I={p.intermediate} "
-        f"{p.activation}/{p.gate_up} bias={p.bias}; quant {quant}; ours = {impl} "
+        f"{p.activation.name}/{p.gate_up} bias={p.has_b1 or p.has_b2}; quant {quant}; ours = {impl} "
         f"({layout} weights); median of {reps} reps, each over up to {routings} routings")
     w = random_weights(p, jax.random.key(42))
     w_ours = w.to_layout(layout)  # once, as a user lays out weights at load time
@@ -448,7 +433,7 @@ def main(argv=None) -> int:
     ap.add_argument("--routings", type=int, default=8, help="routings rotated inside one rep")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset, or 'none'")
-    ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, triton, flydsl)")
+    ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, cuda, rocm)")
     ap.add_argument("--layout", default="auto",
                     help="weight layout ours reads (auto: its backend's; canonical, sm90, gfx950)")
     ap.add_argument("--json", help="write results to this file")

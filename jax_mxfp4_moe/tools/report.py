@@ -83,9 +83,10 @@ def budget_violations(res: dict) -> list[str]:
 
 
 def report(arch: str = "gfx950") -> list[dict]:
-    from jax_mxfp4_moe.rocm import backend as rocm, compile as rocm_compile
+    from jax_mxfp4_moe.rocm import compile as rocm_compile, config as rocm_config
 
-    return [resources(rocm_compile.compile_kernel(m, arch=arch, **cfg), arch) for m, cfg in rocm.shipped_variants()]
+    return [resources(rocm_compile.compile_kernel(m, arch=arch, **cfg), arch)
+            for m, cfg in rocm_config.shipped_variants()]
 
 
 def main(argv=None) -> int:

@@ -7,15 +7,19 @@ before it): counted per sub-chunk of SUB entries with an all-pairs compare,
 with a running per-expert base kept in a small global scratch row (a CTA
 barrier orders its stores and loads).
 
-Two forms: `moe_sort_one` does everything in one program (T*k up to
-cuda_kernels.SORT_ONE_MAX); past it, `moe_sort_count` (grid over
-chunks: per-chunk histograms, padding fill) -> `moe_sort_layout` (one program:
-expert offsets, block expert ids, per-chunk bases) -> `moe_sort_scatter`
-(grid over chunks).
+The sort stages: `moe_sort_oneshot` does everything in one program (T*k
+up to cuda.config.SORT_ONESHOT_MAX_ENTRIES); past it, `moe_sort_count` (grid
+over chunks: per-chunk histograms, padding fill) -> `moe_sort_offsets` (one
+program: expert offsets, block expert ids, per-chunk bases) ->
+`moe_sort_scatter` (grid over chunks).
 """
 
 import triton
 import triton.language as tl
+
+from jax_mxfp4_moe import spec
+
+TOKEN_BITS: tl.constexpr = tl.constexpr(spec.TOKEN_BITS)
 
 
 @triton.jit
@@ -49,7 +53,7 @@ def _fill_padding(sid_ptr, sw_ptr, lo, hi, pad, FILL: tl.constexpr):
 
 
 @triton.jit
-def _layout(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB,
+def _offsets(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB,
             BM: tl.constexpr, NBINS: tl.constexpr, BLK: tl.constexpr,
             HAS_MASK: tl.constexpr):
     """Per-expert counts -> sorted_expert_ids, num_valid; returns expert starts."""
@@ -89,7 +93,7 @@ def _scatter(ids_ptr, w_ptr, mask_ptr, sid_ptr, sw_ptr, run_ptr, lo, hi, K, E,
         pos = tl.load(run_ptr + e) + rank
         tok = offs // K
         slot = offs - tok * K
-        tl.store(sid_ptr + pos, (slot << 24) | tok, mask=ok)
+        tl.store(sid_ptr + pos, (slot << TOKEN_BITS) | tok, mask=ok)
         tl.store(sw_ptr + pos, tl.load(w_ptr + offs, mask=ok, other=0.0), mask=ok)
         run = tl.load(run_ptr + bins) + tl.histogram(e, NBINS)
         tl.debug_barrier()
@@ -98,15 +102,15 @@ def _scatter(ids_ptr, w_ptr, mask_ptr, sid_ptr, sw_ptr, run_ptr, lo, hi, K, E,
 
 
 @triton.jit
-def moe_sort_one(ids_ptr, w_ptr, mask_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr, run_ptr,
+def moe_sort_oneshot(ids_ptr, w_ptr, mask_ptr, sid_ptr, sw_ptr, sexp_ptr, nv_ptr, run_ptr,
                  T, K, E, P, NB,
                  BM: tl.constexpr, NBINS: tl.constexpr, SUB: tl.constexpr,
                  BLK: tl.constexpr, FILL: tl.constexpr, HAS_MASK: tl.constexpr):
     """Whole sort in one program. run_ptr: int32 scratch [NBINS]."""
     n = T * K
     counts = _count(ids_ptr, mask_ptr, 0, n, E, HAS_MASK, SUB, NBINS)
-    start = _layout(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB, BM, NBINS, BLK, HAS_MASK)
-    _fill_padding(sid_ptr, sw_ptr, 0, P, (K << 24) | T, FILL)
+    start = _offsets(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB, BM, NBINS, BLK, HAS_MASK)
+    _fill_padding(sid_ptr, sw_ptr, 0, P, (K << TOKEN_BITS) | T, FILL)
     tl.store(run_ptr + tl.arange(0, NBINS), start)
     tl.debug_barrier()
     _scatter(ids_ptr, w_ptr, mask_ptr, sid_ptr, sw_ptr, run_ptr, 0, n, K, E, HAS_MASK, SUB, NBINS)
@@ -124,11 +128,11 @@ def moe_sort_count(ids_ptr, mask_ptr, sid_ptr, sw_ptr, counts_ptr, T, K, E, P, C
     counts = _count(ids_ptr, mask_ptr, lo, tl.minimum(lo + CHUNK, n), E, HAS_MASK, SUB, NBINS)
     tl.store(counts_ptr + c * NBINS + tl.arange(0, NBINS), counts)
     share = tl.cdiv(P, tl.num_programs(0))
-    _fill_padding(sid_ptr, sw_ptr, c * share, tl.minimum(c * share + share, P), (K << 24) | T, FILL)
+    _fill_padding(sid_ptr, sw_ptr, c * share, tl.minimum(c * share + share, P), (K << TOKEN_BITS) | T, FILL)
 
 
 @triton.jit
-def moe_sort_layout(counts_ptr, mask_ptr, sexp_ptr, nv_ptr, run_ptr, T, E, NB, NCHUNK,
+def moe_sort_offsets(counts_ptr, mask_ptr, sexp_ptr, nv_ptr, run_ptr, T, E, NB, NCHUNK,
                     BM: tl.constexpr, NBINS: tl.constexpr, BLK: tl.constexpr,
                     HAS_MASK: tl.constexpr, GROUP: tl.constexpr):
     """One program: totals -> layout; run_ptr[c, e] = first position of chunk
@@ -140,7 +144,7 @@ def moe_sort_layout(counts_ptr, mask_ptr, sexp_ptr, nv_ptr, run_ptr, T, E, NB, N
     for c0 in range(0, NCHUNK, GROUP):
         rows = (c0 + g)[:, None] * NBINS + bins[None, :]
         counts += tl.sum(tl.load(counts_ptr + rows, mask=(c0 + g < NCHUNK)[:, None], other=0), 0)
-    base = _layout(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB, BM, NBINS, BLK, HAS_MASK)
+    base = _offsets(counts, mask_ptr, sexp_ptr, nv_ptr, T, E, NB, BM, NBINS, BLK, HAS_MASK)
     for c0 in range(0, NCHUNK, GROUP):
         rows = (c0 + g)[:, None] * NBINS + bins[None, :]
         ok = (c0 + g < NCHUNK)[:, None]

@@ -12,14 +12,24 @@ saturating.
 import triton
 import triton.language as tl
 
+from jax_mxfp4_moe import spec
+
+# Format codes of the A_FMT / OUT_FMT constexprs, and the format facts the
+# device functions use (spec.MX_FORMATS).
+BF16: tl.constexpr = tl.constexpr(spec.BF16_CODE)
+MXFP4: tl.constexpr = tl.constexpr(spec.MX_FORMATS["mxfp4"].code)
+MXFP8: tl.constexpr = tl.constexpr(spec.MX_FORMATS["mxfp8"].code)
+FP4_INV_DIVISOR: tl.constexpr = tl.constexpr(2.0 ** -spec.MX_FORMATS["mxfp4"].emax)
+FP8_INV_DIVISOR: tl.constexpr = tl.constexpr(2.0 ** -spec.MX_FORMATS["mxfp8"].emax)
+FP8_MAX: tl.constexpr = tl.constexpr(spec.MX_FORMATS["mxfp8"].elem_max)
 
 @triton.jit
 def e8m0_scale(amax, FP8: tl.constexpr):
     """Scale byte (int32) of blocks whose absolute maximum is ``amax`` (f32)."""
     if FP8:
-        v = amax * 0.00390625  # 1 / 2**8
+        v = amax * FP8_INV_DIVISOR
     else:
-        v = amax * 0.25  # 1 / 2**2
+        v = amax * FP4_INV_DIVISOR
     u = v.to(tl.int32, bitcast=True)
     exp = (u >> 23) & 0xFF
     round_up = ((u & 0x400000) != 0) & (((u & 0x3FFFFF) != 0) | (exp > 0))
@@ -48,6 +58,7 @@ def e8m0_value(byte):
     return tl.where(byte == 255, float("nan"), v)
 
 
+# E2M1 rounding: the boundaries and tie directions of formats.E2M1_ROUNDING.
 @triton.jit
 def e2m1_round(a):
     """|y| -> nearest E2M1 magnitude (ties to even, saturating at 6)."""
@@ -73,8 +84,8 @@ def e2m1_code(a):
 @triton.jit
 def clip_fp8(y):
     # where() keeps NaN, unlike tl.clamp.
-    y = tl.where(y > 448.0, 448.0, y)
-    return tl.where(y < -448.0, -448.0, y)
+    y = tl.where(y > FP8_MAX, FP8_MAX, y)
+    return tl.where(y < -FP8_MAX, -FP8_MAX, y)
 
 
 @triton.jit

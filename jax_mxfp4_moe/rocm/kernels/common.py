@@ -167,7 +167,7 @@ class KernelBuild:
     ``params`` are FFI kernarg kinds in order ("ptr" = raw i64 address,
     "i32"); ``launcher`` is the ``@flyc.jit`` host function taking exactly
     those arguments.  Its own grid is a placeholder: the FFI launcher uses
-    the grids of ``rocm_index``."""
+    the grids of ``rocm.geometry``."""
 
     def __init__(self, name, block, params, launcher):
         self.name = name
@@ -182,16 +182,17 @@ def global_store_f32x2(addr_i64, lo_f32, hi_f32):
 
 
 def gemm_block(num_valid, sorted_expert_ids, num_experts, block_m):
-    """A gemm program's coordinates: thread, lane, wave, block (bx, by), its
+    """A gemm program's coordinates: thread, lane, wave, its N tile and row
+    block (the grid is (n_tiles, row_blocks, k_splits) on both backends), its
     first sorted row and expert id, and whether the row block is live (below
     num_valid[0] and of a local expert: non-local blocks carry -1)."""
     tid = fx.Int32(gpu.thread_idx.x)
     lane = tid % WAVE
     wave = tid // WAVE
-    bx = fx.Int32(gpu.block_idx.x)
-    by = fx.Int32(gpu.block_idx.y)
-    row0 = bx * block_m
+    n_tile = fx.Int32(gpu.block_idx.x)
+    row_block = fx.Int32(gpu.block_idx.y)
+    row0 = row_block * block_m
     nv = load(buffer(num_valid, 8), 0, 4)
-    eid = load(buffer(sorted_expert_ids), bx * 4, 4)
+    eid = load(buffer(sorted_expert_ids), row_block * 4, 4)
     live = (row0 < nv) & (eid >= fx.Int32(0)) & (eid < fx.Int32(num_experts))
-    return tid, lane, wave, bx, by, row0, eid, live
+    return tid, lane, wave, n_tile, row_block, row0, eid, live

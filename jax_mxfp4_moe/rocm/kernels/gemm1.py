@@ -1,8 +1,8 @@
 """MoE gemm1 (gate/up projection + activation + requantisation), gfx950.
 
-Block (bx, by): the BM = 32 sorted rows bx*32.. of one expert and the BN = 128
-intermediate columns c0 = by*128..  A rows are gathered from the quantised
-activations by ``sorted_token_ids & 0xFFFFFF`` (padding rows name token T:
+Block (n, m) of the (n_tiles, row_blocks) grid: the BM = 32 sorted rows m*32..
+of one expert and the BN = 128 intermediate columns c0 = n*128..  A rows are gathered from the quantised
+activations by ``sorted_token_ids & TOKEN_MASK`` (padding rows name token T:
 past the buffer's size, so they read zeros).  Each of the 4 waves owns 4
 pre-shuffled W1 tiles of 16 rows (gate and up rows, placed by
 ``rocm_index.gemm1_tile``) and runs 2 x 4 scaled MFMAs 16x16x128 per K step
@@ -18,22 +18,24 @@ from flydsl._mlir import ir
 from flydsl._mlir.dialects import llvm
 from flydsl.expr import gpu
 
+from jax_mxfp4_moe import spec
 from jax_mxfp4_moe.rocm import geometry as ix
-
+from jax_mxfp4_moe.rocm.config import QUANTS
 from jax_mxfp4_moe.rocm.kernels import common as c
 from jax_mxfp4_moe.rocm.kernels import mfma
-from jax_mxfp4_moe.rocm.kernels.mx import MX_BLOCK, quantize_block
+from jax_mxfp4_moe.rocm.kernels.mx import quantize_block
+from jax_mxfp4_moe.spec import MX_BLOCK
 
 BLOCK = ix.GEMM_BLOCK
-ACTIVATIONS = ("silu", "swiglu_oai")
-A_FORMATS = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
-GATE_UP = ("separated", "interleaved")
 _LOG2E = 1.4426950408889634
 
 
 def kernel_name(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_bias, nt):
+    activation = spec.as_activation(activation)
     gu = {"separated": "sep", "interleaved": "il"}[gate_up]
-    return (f"moe_gemm1_{quant}_{activation}_{gu}_h{hidden}_i{intermediate}_e{num_experts}_bm{ix.BM}"
+    defaults = dict(activation.kind.defaults)
+    act = activation.name + "".join(f"_{k}{v:g}" for k, v in activation.params if v != defaults[k])
+    return (f"moe_gemm1_{quant}_{act}_{gu}_h{hidden}_i{intermediate}_e{num_experts}_bm{ix.BM}"
             + ("_bias" if has_bias else "") + ("_nt" if nt else ""))
 
 
@@ -44,26 +46,27 @@ def _sigmoid_times(x, scale):
     return x / (fx.Float32(1.0) + t)
 
 
-def activation_fn(g, u, activation, alpha, limit):
-    if activation == "silu":
+def activation_fn(g, u, activation: spec.Activation):
+    """The spec's activations, in f32 device code."""
+    if activation.name == "silu":
         return _sigmoid_times(g, 1.0) * u
+    if activation.name != "swiglu_oai":
+        raise ValueError(f"activation: no gfx950 code for {activation!r}")
+    alpha, limit = activation.param("alpha"), activation.param("limit")
     gl = g.minimumf(fx.Float32(limit))
     ul = u.maximumf(fx.Float32(-limit)).minimumf(fx.Float32(limit))
     return _sigmoid_times(gl, alpha) * (ul + fx.Float32(1.0))
 
 
-def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_bias, nt,
-          swiglu_alpha=1.702, swiglu_limit=7.0):
-    if quant not in A_FORMATS:
-        raise ValueError(f"quant: expected one of {sorted(A_FORMATS)}, got {quant!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    if gate_up not in GATE_UP:
-        raise ValueError(f"gate_up: expected one of {GATE_UP}, got {gate_up!r}")
+def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_bias, nt):
+    if quant not in QUANTS:
+        raise ValueError(f"quant: expected one of {QUANTS}, got {quant!r}")
+    activation = spec.as_activation(activation)
+    spec.check_gate_up(gate_up)
     for nm, v in (("hidden", hidden), ("intermediate", intermediate)):
         if v <= 0 or v % MX_BLOCK:
             raise ValueError(f"{nm}: expected a positive multiple of {MX_BLOCK}, got {v}")
-    fmt = A_FORMATS[quant]
+    fmt = spec.quant_mode(quant).act_format
     H, I, E = int(hidden), int(intermediate), int(num_experts)
     Hp, Ip = ix.padded_dims(H, I)
     kblocks = Hp // ix.MFMA_K
@@ -96,11 +99,11 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
         inter_s: fx.Int64,
         tokens: fx.Int32,
     ):
-        tid, lane, wave, bx, by, row0, eid, live = c.gemm_block(num_valid, sorted_expert_ids, E, ix.BM)
+        tid, lane, wave, n_tile, _, row0, eid, live = c.gemm_block(num_valid, sorted_expert_ids, E, ix.BM)
         if live:
             lds = fx.SharedAllocator().allocate(Shared).peek()
             pre = lds.pre.ptr
-            c0 = by * ix.BN
+            c0 = n_tile * ix.BN
             sid_b = c.buffer(sorted_ids)
             xq_b = c.buffer(xq, tokens * a_row)
             xs_b = c.buffer(xs, tokens * a_srow)
@@ -110,7 +113,7 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
             a_off = []
             as_off = []
             for s in fx.range_constexpr(ix.M_TILES):
-                tok = c.load(sid_b, (row0 + s * ix.MFMA_M + ix.operand_row(lane)) * 4, 4) & fx.Int32(0xFFFFFF)
+                tok = c.load(sid_b, (row0 + s * ix.MFMA_M + ix.operand_row(lane)) * 4, 4) & fx.Int32(spec.TOKEN_MASK)
                 a_off.append(tok * a_row)
                 as_off.append(tok * a_srow)
             tiles = [ix.gemm1_tile(wave, t, c0, I, gate_up) for t in range(ix.G1_TILES_PER_WAVE)]
@@ -147,7 +150,7 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
                     gc, uc = ix.gemm1_lds_gate_up(jb * MX_BLOCK + j, gate_up)
                     g = c.lds_load(pre, r * lds_cols + gc)
                     u = c.lds_load(pre, r * lds_cols + uc)
-                    h = activation_fn(g, u, activation, swiglu_alpha, swiglu_limit)
+                    h = activation_fn(g, u, activation)
                     vals.append((c0 + jb * MX_BLOCK + j < I).select(h, fx.Float32(0.0)))
                 byte, words = quantize_block(vals, fmt)
                 out_b = c.buffer(inter)

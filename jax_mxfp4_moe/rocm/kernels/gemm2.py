@@ -1,8 +1,8 @@
 """MoE gemm2 (down projection, weighted scatter-add into y), gfx950.
 
-Block (bx, by): the BM = 32 sorted rows bx*32.. of one expert (the
-intermediate in sorted order, MXFP4 or MXFP8 with E8M0 scales) times the
-pre-shuffled MXFP4 W2 rows by*128.. (output columns).  Each wave owns 32
+Block (n, m) of the (n_tiles, row_blocks) grid: the BM = 32 sorted rows m*32..
+of one expert (the intermediate in sorted order, MXFP4 or MXFP8 with E8M0
+scales) times the pre-shuffled MXFP4 W2 rows n*128.. (output columns).  Each wave owns 32
 columns (2 tiles of 16) and runs 2 x 2 scaled MFMAs 16x16x128 per K step.
 The f32 tile goes through LDS so that each thread holds two adjacent
 columns: (acc + b2) * sorted_weight is added into y[token] (bf16, [T, Hp])
@@ -17,14 +17,14 @@ import flydsl.compiler as flyc
 import flydsl.expr as fx
 from flydsl.expr import gpu
 
+from jax_mxfp4_moe import spec
 from jax_mxfp4_moe.rocm import geometry as ix
-
+from jax_mxfp4_moe.rocm.config import QUANTS
 from jax_mxfp4_moe.rocm.kernels import common as c
 from jax_mxfp4_moe.rocm.kernels import mfma
-from jax_mxfp4_moe.rocm.kernels.mx import MX_BLOCK
+from jax_mxfp4_moe.spec import MX_BLOCK
 
 BLOCK = ix.GEMM_BLOCK
-A_FORMATS = {"a4w4": "mxfp4", "a8w4": "mxfp8"}
 TILES_PER_WAVE = ix.WAVE_N // ix.MFMA_N  # 2
 
 
@@ -35,12 +35,12 @@ def kernel_name(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k
 
 def build(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None):
     """``top_k`` set: the deterministic variant (per-slot f32 rows, no atomics)."""
-    if quant not in A_FORMATS:
-        raise ValueError(f"quant: expected one of {sorted(A_FORMATS)}, got {quant!r}")
+    if quant not in QUANTS:
+        raise ValueError(f"quant: expected one of {QUANTS}, got {quant!r}")
     for nm, v in (("hidden", hidden), ("intermediate", intermediate)):
         if v <= 0 or v % MX_BLOCK:
             raise ValueError(f"{nm}: expected a positive multiple of {MX_BLOCK}, got {v}")
-    fmt = A_FORMATS[quant]
+    fmt = spec.quant_mode(quant).act_format
     H, I, E = int(hidden), int(intermediate), int(num_experts)
     Hp, Ip = ix.padded_dims(H, I)
     kblocks = Ip // ix.MFMA_K
@@ -70,11 +70,11 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None)
         y: fx.Int64,
         tokens: fx.Int32,
     ):
-        tid, lane, wave, bx, by, row0, eid, live = c.gemm_block(num_valid, sorted_expert_ids, E, ix.BM)
+        tid, lane, wave, n_tile, _, row0, eid, live = c.gemm_block(num_valid, sorted_expert_ids, E, ix.BM)
         if live:
             lds = fx.SharedAllocator().allocate(Shared).peek()
             out = lds.out.ptr
-            c0 = by * ix.BN
+            c0 = n_tile * ix.BN
             a_b = c.buffer(inter)
             as_b = c.buffer(inter_s)
             e64 = fx.Int64(eid)
@@ -113,7 +113,7 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None)
             for it in fx.range_constexpr(ix.G2_PAIRS // ix.G2_THREADS):
                 r, col = ix.gemm2_pair(tid, it)
                 entry = c.load(sid_b, (row0 + r) * 4, 4)
-                token = entry & fx.Int32(0xFFFFFF)
+                token = entry & fx.Int32(spec.TOKEN_MASK)
                 if token < tokens:
                     wgt = c.f32_from_bits(c.load(sw_b, (row0 + r) * 4, 4))
                     lo = c.lds_load(out, r * ix.BN + col)
@@ -125,7 +125,7 @@ def build(*, hidden, intermediate, num_experts, quant, has_bias, nt, top_k=None)
                         addr = fx.Int64(y) + fx.Int64(token * Hp + c0 + col) * 2
                         c.atomic_add_bf16x2(addr, lo * wgt, hi * wgt)
                     else:
-                        row = fx.Int64(token * top_k + c.shr(entry, 24))
+                        row = fx.Int64(token * top_k + c.shr(entry, spec.TOKEN_BITS))
                         addr = fx.Int64(y) + (row * Hp + fx.Int64(c0 + col)) * 4
                         c.global_store_f32x2(addr, lo * wgt, hi * wgt)
 

@@ -15,7 +15,7 @@ rounding is the one ``ml_dtypes`` uses, bit for bit.
 
 import flydsl.expr as fx
 
-from jax_mxfp4_moe.numerics.formats import E2M1_ROUNDING, FP4_SCALE_DIVISOR, FP8_MAX, FP8_SCALE_DIVISOR, MX_BLOCK
+from jax_mxfp4_moe.numerics.formats import E2M1_ROUNDING, FP4_SCALE_DIVISOR, FP8_MAX, FP8_SCALE_DIVISOR
 
 from jax_mxfp4_moe.rocm.kernels.common import f32_bits, f32_from_bits, shr
 

@@ -13,7 +13,8 @@ from flydsl.expr import gpu
 from jax_mxfp4_moe.rocm import geometry as ix
 
 from jax_mxfp4_moe.rocm.kernels import common as c
-from jax_mxfp4_moe.rocm.kernels.mx import MX_BLOCK, quantize_block
+from jax_mxfp4_moe.rocm.kernels.mx import quantize_block
+from jax_mxfp4_moe.spec import MX_BLOCK
 
 BLOCK = ix.QUANT_BLOCK
 IN_DTYPES = {"bf16": 2, "f32": 4}

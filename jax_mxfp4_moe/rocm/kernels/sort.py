@@ -25,20 +25,18 @@ import flydsl.compiler as flyc
 import flydsl.expr as fx
 from flydsl.expr import gpu
 
+from jax_mxfp4_moe.numerics.sorting import SORT_STAGES as STAGES
 from jax_mxfp4_moe.rocm import geometry as ix
-
 from jax_mxfp4_moe.rocm.kernels import common as c
+from jax_mxfp4_moe.spec import BLOCK_SIZES, TOKEN_BITS
 
 BLOCK = ix.SORT_BLOCK
-BLOCK_SIZES = (16, 32, 64, 128)
-TOKEN_BITS = 24
-STAGES = ("oneshot", "count", "offsets", "scatter")
 CHUNK = ix.SORT_CHUNK
 
 
 def kernel_name(*, num_experts, top_k, block_m, has_mask, stage="oneshot"):
-    pre = "moe_sort" if stage == "oneshot" else f"moe_sort_{stage}"
-    return f"{pre}_e{num_experts}_k{top_k}_bm{block_m}" + ("_mask" if has_mask else "")
+    return (f"moe_sort_{stage}_e{num_experts}_k{top_k}_bm{block_m}"
+            + ("_mask" if has_mask else ""))
 
 
 class _Keys:
