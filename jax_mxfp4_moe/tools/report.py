@@ -5,6 +5,13 @@ the presets' shapes and prints, per kernel, the registers, LDS and scratch
 its code object declares, the resulting waves per SIMD, and the counts of the
 instructions the design relies on (scaled MFMA, bf16 atomics, non-temporal
 loads).  Exit status 1 when a kernel exceeds the budgets below.
+
+``--model`` prints instead the performance model's estimate of every
+launch and of the layer on an MI355X (``rocm/perf_model.py``), for both
+presets at each token count, side by side with FlyDSL upstream's own
+``kernels/moe/mxfp_moe`` GEMMs when a snapshot of ROCm/FlyDSL is named
+(``--flydsl PATH`` or ``$JAX_MXFP4_MOE_FLYDSL_SNAPSHOT``), with the GEMMs'
+static ISA properties and the model's calibration.
 """
 
 from __future__ import annotations
@@ -88,13 +95,83 @@ def report(arch: str = "gfx950") -> list[dict]:
     return [resources(rocm_compile.compile_kernel(m, arch=arch, **cfg), arch) for m, cfg in rocm.shipped_variants()]
 
 
+def model_report(args) -> int:
+    """``--model``: the performance model's report (see ``rocm/perf_model.py``)."""
+    from jax_mxfp4_moe.rocm import backend as rocm, flydsl_upstream, perf_model
+
+    presets = args.presets.split(",") if args.presets else list(rocm.PRESETS)
+    for name in presets:
+        if name not in rocm.PRESETS:
+            print(f"--presets: unknown preset {name!r}; known: {sorted(rocm.PRESETS)}", file=sys.stderr)
+            return 2
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        print(f"--tokens: expected comma-separated integers, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    if any(t <= 0 for t in tokens):
+        print(f"--tokens: expected positive token counts, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    quants = args.quant.split(",")
+    for q in quants:
+        if q not in perf_model.QUANTS:
+            print(f"--quant: expected a subset of {perf_model.QUANTS}, got {q!r}", file=sys.stderr)
+            return 2
+    codes = None
+    calib_rows = None
+    try:
+        root = flydsl_upstream.locate(args.flydsl)
+        variants = perf_model.flydsl_variants_for(presets, tokens, quants) + perf_model.calibration_variants()
+        codes = flydsl_upstream.compile_variants(variants, root)
+        note = (f"upstream kernels/moe/mxfp_moe from {root} (sources {flydsl_upstream.sources_hash(root)[:12]}), "
+                "H and I padded to multiples of 256 (gpt-oss-120b at 3072); same sort/quant/glue as ours, "
+                "tiles as aiter's tuned table picks them")
+        if args.calibrate:
+            cal, res, g1 = perf_model.calibrate(codes)
+            print(f"fitted constants: {cal}")
+            perf_model.CALIBRATION.update(cal)
+        res = perf_model.predict_calibration(codes)
+        g1 = perf_model.predict_gemm1_check(codes)
+        calib_rows = ([(f"{pt.model} {pt.experts}/{pt.hidden}/{pt.inter}/{pt.top_k} M={pt.tokens}", pt.us, t)
+                       for pt, t in res]
+                      + [(f"(check) kimi_k2.5 gemm1 alone M={m}", perf_model.GEMM1_CHECK[m], t)
+                         for m, t in g1.items()])
+    except flydsl_upstream.SnapshotUnavailable as e:
+        note = f"not compared: {e}"
+        if args.calibrate:
+            print(f"--calibrate needs a FlyDSL snapshot: {e}", file=sys.stderr)
+            return 2
+    rows = perf_model.model_layers(presets, tokens, quants, flydsl_codes=codes)
+    kernels = []
+    for preset in presets:
+        for q in quants:
+            for T in sorted({min(tokens), max(tokens)}):
+                for l in perf_model.ours_launches(preset, T, q):
+                    if l.stage in ("gemm1", "gemm2"):
+                        kernels.append(l.kernel)
+                if codes is not None:
+                    kernels += [codes[v] for v in perf_model.flydsl_gemm_variants(preset, T, q)]
+    kernels = list({k.name: k for k in kernels}.values())
+    perf_model.print_report(rows, flydsl_note=note, isa_kernels=kernels, calibration_rows=calib_rows)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jax_mxfp4_moe.tools.report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="gfx950", choices=sorted(ARCH_LIMITS))
+    p.add_argument("--model", action="store_true", help="print the MI355X performance model's report")
+    p.add_argument("--flydsl", default=None, help="ROCm/FlyDSL snapshot (checkout or bare git repository) to "
+                   "compare against; default $JAX_MXFP4_MOE_FLYDSL_SNAPSHOT")
+    p.add_argument("--presets", default="", help="comma-separated presets (default: all)")
+    p.add_argument("--tokens", default=",".join(str(t) for t in (1, 8, 64, 512, 4096)))
+    p.add_argument("--quant", default="a4w4,a8w4")
+    p.add_argument("--calibrate", action="store_true", help="refit the model's constants first (needs --flydsl)")
     args = p.parse_args(argv)
     if args.arch != "gfx950":
         print(f"no kernels are shipped for {args.arch}", file=sys.stderr)
         return 2
+    if args.model:
+        return model_report(args)
     rows = report(args.arch)
     cols = ("vgpr", "agpr", "sgpr", "lds", "scratch", "waves_per_simd", "mfma_scale", "atomic_pk_add_bf16", "nt_loads")
     heads = ("VGPR", "AGPR", "SGPR", "LDS B", "scratch", "waves/SIMD", "scaled MFMA", "pk_add_bf16", "nt loads")
