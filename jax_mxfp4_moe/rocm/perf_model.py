@@ -367,12 +367,14 @@ def _step(ins: isa_mod.Instr, s: WaveState, tm: Timing):
 
 
 def simulate(prog: isa_mod.Program, tm: Timing, *, trips: Callable[[isa_mod.Loop], float],
-             stop: int | None = None, exact_iterations: int = 3) -> WaveState:
+             stop: int | None = None, exact_iterations: int = 24) -> WaveState:
     """One wave running ``prog`` (up to instruction ``stop``), each loop ``trips(loop)`` times.
 
-    Forward branches fall through (every block runs); a loop's body runs
-    ``trips`` times: the first ``exact_iterations`` instruction by
-    instruction, the rest at the last one's time and resource use."""
+    Forward branches fall through (every block runs).  A loop runs its first
+    ``exact_iterations`` instruction by instruction; the rest repeat the mean
+    time and resource use of the last half of those (a pipelined loop settles
+    into a pattern several iterations long: with its loads issued d steps
+    ahead, one memory round trip per d + 1 steps)."""
     starts = {lp.start: lp for lp in isa_mod.loops(prog)}
     state = WaveState()
 
@@ -387,26 +389,25 @@ def simulate(prog: isa_mod.Program, tm: Timing, *, trips: Callable[[isa_mod.Loop
                 _step(prog.instrs[i], state, tm)
                 i += 1
 
-    def one(lp):
-        t0, u0 = state.t, state.usage()
-        run(lp.start, lp.end + 1, current=lp)
-        return state.t - t0, tuple(b - a for a, b in zip(u0, state.usage()))
-
     def run_loop(lp):
         n = max(0.0, float(trips(lp)))
-        whole, frac = int(n), n - int(n)
-        done, dt, use = 0, 0.0, None
-        while done < min(whole, exact_iterations):
-            dt, use = one(lp)
-            done += 1
-        rest = (whole - done) + frac
+        whole = int(n)
+        exact = min(whole, exact_iterations)
+        marks = [(state.t, state.usage())]
+        for _ in range(exact):
+            run(lp.start, lp.end + 1, current=lp)
+            marks.append((state.t, state.usage()))
+        rest = n - exact
         if rest <= 0:
             return
-        if done == 0:  # less than one iteration: time one and scale it down
-            dt, use = one(lp)
+        if exact == 0:  # less than one iteration: time one and scale it down
+            run(lp.start, lp.end + 1, current=lp)
+            marks.append((state.t, state.usage()))
             rest -= 1.0
-        state.shift(dt * rest)
-        state.add_usage(use, rest)
+        k = max(1, (len(marks) - 1) // 2)
+        (t0, u0), (t1, u1) = marks[-1 - k], marks[-1]
+        state.shift((t1 - t0) / k * rest)
+        state.add_usage(tuple((b - a) / k for a, b in zip(u0, u1)), rest)
 
     run(0, len(prog.instrs) if stop is None else stop)
     # the wave ends when its last memory operation and MFMA have completed
@@ -524,6 +525,19 @@ def _wave_time(kernel: KernelCode, trips_key: tuple, share: float, dead: bool, l
     return simulate(prog, tm, trips=lambda lp: by_loop.get(lp, 1.0))
 
 
+def xcd_of(wg_id: int) -> int:
+    """The XCD a workgroup id is dispatched to: ids go round-robin over the XCDs."""
+    return int(wg_id) % int(HW["xcds"].value)
+
+
+def live_per_xcd(ids) -> tuple:
+    """Workgroups per XCD of a list of workgroup ids."""
+    out = [0] * int(HW["xcds"].value)
+    for i in ids:
+        out[xcd_of(i)] += 1
+    return tuple(out)
+
+
 def _schedule(xcd_jobs: list[list[float]], per_cu: int) -> float:
     """Makespan (cycles) of one XCD's workgroups, dispatched in id order to the first free slot."""
     n_cu = int(HW["cus"].value // HW["xcds"].value)
@@ -561,9 +575,7 @@ def _schedule_launch(launch: Launch, latency_ns: float) -> _Schedule:
     live = sorted(set(launch.live_ids())) if launch.live_ids is not None else list(range(wgs))
     live_set = set(live)
     per_cu = occupancy(k.metadata, k.block_threads)
-    xcd_live = [0] * nx
-    for i in live:
-        xcd_live[i % nx] += 1
+    xcd_live = live_per_xcd(live)
     trips_key = _trips_key(launch)
 
     def live_time(n_res: int) -> tuple[float, WaveState]:
@@ -578,7 +590,7 @@ def _schedule_launch(launch: Launch, latency_ns: float) -> _Schedule:
     dur = [live_time(max(1, min(per_cu, -(-xcd_live[x] // n_cu_xcd))))[0] for x in range(nx)]
     jobs = [[] for _ in range(nx)]
     for i in range(wgs):
-        jobs[i % nx].append(dur[i % nx] if i in live_set else dead_t)
+        jobs[xcd_of(i)].append(dur[xcd_of(i)] if i in live_set else dead_t)
     return _Schedule(us(_schedule(jobs, per_cu)), single, us(single_t), len(live), per_cu, tuple(xcd_live))
 
 
@@ -623,30 +635,37 @@ QUANTS = ("a4w4", "a8w4")
 BYTES_PER_WEIGHT = 0.5 + 1 / 32  # MXFP4: a nibble per element and an E8M0 byte per 32
 
 
-def sort_trips(entries_per_wg: float, experts: int, block_m: int, tokens_k: int) -> TripFn:
+def sort_trips(entries_per_wg: float, experts: int, block_m: int) -> TripFn:
     """Trip counts of the sort kernels' loops, from what each loop's body does.
 
-    The sort's loops run over routed entries (a body that loads them: one
-    64-lane step per trip), over experts one at a time (a body of LDS work
-    only: one expert per trip) and over padding fills (stores only: the
-    fills of E*BM + T*k sorted slots, two stores each, shared among those
-    loops by their store counts).  A heuristic: the trip counts of loops
-    over data-dependent counts are not in the code object."""
+    The sort's loops run over routed entries or chunk counts (a body that
+    loads them: one 64-lane step per load; LLVM unrolls such a loop by U and
+    follows it with a remainder loop of fewer loads, which runs the steps
+    left over), over experts one at a time (a body of LDS work only: one
+    expert per trip) and over padding fills (stores only: about E*BM
+    padding slots, two stores each, shared among those loops by their store
+    counts).  A heuristic: the trip counts of loops over
+    data-dependent counts are not in the code object."""
+    steps = max(1, math.ceil(entries_per_wg / 64))
 
     def trips(lp, prog):
-        body = lp.body(prog)
-        c = isa_mod.class_counts(body)
+        all_loops = isa_mod.loops(prog)
+        counts = {l: isa_mod.class_counts(l.body(prog)) for l in all_loops}
+        c = counts[lp]
         if c["vmem_load"]:
-            unroll = max(1, c["vmem_load"] if not c["lds"] else 1)
-            return max(1.0, math.ceil(entries_per_wg / 64 / unroll))
+            if c["lds"]:
+                return float(steps)
+            # a remainder loop right after a loop with more loads per trip
+            prev = [l for l in all_loops if l.end < lp.start and counts[l]["vmem_load"] and not counts[l]["lds"]]
+            if prev and lp.start - prev[-1].end <= 24 and counts[prev[-1]]["vmem_load"] > c["vmem_load"]:
+                return float((steps % counts[prev[-1]]["vmem_load"]) // c["vmem_load"])
+            return float(steps // c["vmem_load"]) if c["vmem_load"] > 1 else float(steps)
         if c["lds"]:
             return float(experts)
         if c["vmem_store"]:
-            store_loops = [l for l in isa_mod.loops(prog)
-                           if not isa_mod.class_counts(l.body(prog))["vmem_load"]
-                           and not isa_mod.class_counts(l.body(prog))["lds"]]
-            total = sum(isa_mod.count(l.body(prog), "vmem_store") for l in store_loops)
-            return max(1.0, (2 * (experts * block_m + tokens_k) / 64) / max(1, total))
+            total = sum(counts[l]["vmem_store"] for l in all_loops
+                        if not counts[l]["vmem_load"] and not counts[l]["lds"])
+            return max(1.0, (2 * experts * block_m / 64) / max(1, total))
         return 1.0
 
     return trips
@@ -674,16 +693,16 @@ def sort_launches(tokens: int, top_k: int, experts: int) -> list[Launch]:
     small = 4 * n * 2 + (n + experts * bm) * 8
     if n <= ix.SORT_ONESHOT_MAX_ENTRIES:
         return [Launch("sort", _ours_code("sort", cfg("oneshot")), ix.sort_grid(),
-                       trips=sort_trips(n, experts, bm, n), hbm_bytes=small)]
+                       trips=sort_trips(n, experts, bm), hbm_bytes=small)]
     nch = ix.sort_chunks(tokens, top_k)
     chunk = ix.SORT_CHUNK
     return [
         Launch("sort", _ours_code("sort", cfg("count")), ix.sort_chunk_grid(tokens, top_k),
-               trips=sort_trips(chunk, experts, bm, chunk), hbm_bytes=4 * n + 4 * nch * experts),
+               trips=sort_trips(chunk, experts, bm), hbm_bytes=4 * n + 4 * nch * experts),
         Launch("sort", _ours_code("sort", cfg("offsets")), ix.sort_grid(),
-               trips=sort_trips(nch * 64, experts, bm, n), hbm_bytes=8 * nch * experts + (n + experts * bm) * 8),
+               trips=sort_trips(nch * 64, experts, bm), hbm_bytes=8 * nch * experts + (n + experts * bm) * 8),
         Launch("sort", _ours_code("sort", cfg("scatter")), ix.sort_chunk_grid(tokens, top_k),
-               trips=sort_trips(chunk, experts, bm, chunk), hbm_bytes=small),
+               trips=sort_trips(chunk, experts, bm), hbm_bytes=small),
     ]
 
 
