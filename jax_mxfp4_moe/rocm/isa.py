@@ -12,10 +12,10 @@ object the same way:
   the most MFMAs) and the instructions of its steady state; a kernel whose
   K loop is fully unrolled has no loop, and its steady state is the range
   from its first to its last MFMA.
-- ``class_counts``, ``mfma_share``, ``drain_waits``, ``loads_in_flight``:
-  the properties issue #16 names (MFMA share of the steady loop, full-drain
-  waits, loads in flight across the MFMA clusters); ``report(prog)``
-  bundles them.
+- ``class_counts``, ``mfma_share``, ``drain_waits``, ``loads_in_flight``,
+  ``epilogue``: the properties a review of a GEMM asks for (MFMA share of
+  the steady loop, full-drain waits, loads in flight across the MFMA
+  clusters, the epilogue's instruction mix); ``report(prog)`` bundles them.
 
 Counter semantics (CDNA3/CDNA4 ISA, "Data dependency resolution"): vector
 memory loads, stores and atomics, including ``buffer_load ... lds``, count in
@@ -390,11 +390,18 @@ def mfma_clusters(instrs) -> list[int]:
     return out
 
 
+def epilogue(prog: Program) -> tuple:
+    """The instructions after the last MFMA (a GEMM's epilogue)."""
+    idx = [i.index for i in prog.instrs if i.klass == "mfma"]
+    return prog.instrs[idx[-1] + 1 :] if idx else ()
+
+
 def report(prog: Program) -> dict:
-    """The static properties of a GEMM kernel's steady K loop."""
+    """The static properties of a GEMM kernel's steady K loop and of its epilogue."""
     region = steady_region(prog)
     lp = k_loop(prog)
     counts = class_counts(region)
+    epi = class_counts(epilogue(prog))
     return {
         "k_loop": "loop" if lp is not None else ("unrolled" if region else "none"),
         "steady_instrs": len(region),
@@ -404,4 +411,5 @@ def report(prog: Program) -> dict:
         "loads_in_flight": loads_in_flight(prog),
         "counts": counts,
         "mfma_total": count(prog.instrs, "mfma"),
+        "epilogue": epi,
     }

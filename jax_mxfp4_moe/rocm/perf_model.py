@@ -502,6 +502,8 @@ class LaunchTime:
     hbm_bytes: float
     xcd_live: tuple  # live workgroups per XCD
     note: str = ""
+    inflight_kb_per_cu: float = 0.0  # K-loop load bytes in flight on a live CU (resident waves x mean at MFMAs)
+    needed_kb_per_cu: float = 0.0  # bytes in flight per live CU that the sustained HBM rate needs (Little's law)
 
 
 def _trips_key(launch: Launch) -> tuple:
@@ -620,8 +622,13 @@ def model_launch(launch: Launch, *, calibration: dict | None = None) -> LaunchTi
         busy = us(max(single.mfma_busy, single.valu_busy, single.instrs * HW["issue_cycles"].value))
         if busy > 0.6 * sc.single_us:
             bound = "issue"
+    n_cu_xcd = int(HW["cus"].value // HW["xcds"].value)
+    live_cus = sum(min(n_cu_xcd, n) for n in sc.xcd_live)
+    resident = max(1, min(sc.per_cu, -(-sc.live // max(1, live_cus))))
+    flight = isa_mod.loads_in_flight(k.program)["mean_bytes"] * k.waves * resident / 1024
+    needed = eff_bw * cal["latency_ns"] * 1e-9 / max(1, live_cus) / 1024
     return LaunchTime(launch.stage, k.name, t, bound, sc.live, launch.num_wgs, sc.per_cu, sc.single_us,
-                      launch.hbm_bytes, sc.xcd_live, launch.note)
+                      launch.hbm_bytes, sc.xcd_live, launch.note, flight, needed)
 
 
 def layer_time(times: list[LaunchTime], *, calibration: dict | None = None) -> float:
@@ -1073,6 +1080,11 @@ def isa_properties(kernel: KernelCode) -> dict:
         "lgkmcnt0": r["drain_waits"]["lgkmcnt0"],
         "min_loads_at_mfma": r["loads_in_flight"]["min_loads"],
         "mean_bytes_at_mfma": r["loads_in_flight"]["mean_bytes"],
+        "epilogue_valu": r["epilogue"]["valu"],
+        "epilogue_trans": r["epilogue"]["trans"],
+        "epilogue_div": r["epilogue"]["div"],
+        "epilogue_vmem": r["epilogue"]["vmem_load"] + r["epilogue"]["vmem_store"] + r["epilogue"]["vmem_atomic"],
+        "epilogue_waits": r["epilogue"]["waitcnt"],
     }
 
 
@@ -1089,25 +1101,29 @@ def print_report(rows: list[LayerRow], *, flydsl_note: str, file=None, isa_kerne
     p("Performance model of the gfx950 layer on an MI355X (no GPU: estimated from the code objects).")
     p("Times in us; % = roofline / time (roofline: the touched experts' weights at 8 TB/s, or the FLOPs at the")
     p("dense MXFP4 (a4w4) / FP8 (a8w4) MFMA peak, whichever is larger).  Bound: what sets each launch's time.")
+    p("KB/CU: K-loop load bytes in flight on a live CU / bytes in flight the sustained HBM rate needs per live")
+    p("CU at the calibrated latency (Little's law).")
     p(f"FlyDSL: {flydsl_note}")
     for r in rows:
         roof, hbm, mfma = r.roofline
         p("")
         p(f"{r.preset} {r.quant} T={r.tokens}: roofline {roof:.1f} us ({'HBM' if hbm >= mfma else 'MFMA'})")
         p(f"  {'stage':6} {'ours: kernel':44} {'us':>8} {'%roof':>5} {'bound':8} {'live/grid':>13} {'WG/CU':>5}"
-          + ("  | FlyDSL us  %roof bound" if r.flydsl is not None else ""))
+          f" {'KB/CU':>11}" + ("  | FlyDSL us  %roof bound    KB/CU" if r.flydsl is not None else ""))
         fl_by_stage = {}
         for t in r.flydsl or []:
             fl_by_stage.setdefault(t.stage, []).append(t)
         for t in r.ours:
             sr = stage_roofline_us(t.stage, r.preset, r.tokens, r.quant)
             live = f"{t.live_wgs}/{t.wgs}" if t.wgs else ""
+            fl = f"{t.inflight_kb_per_cu:4.0f}/{t.needed_kb_per_cu:<4.0f}" if t.stage.startswith("gemm") else ""
             line = (f"  {t.stage:6} {t.name[:44]:44} {t.us:8.1f} {_pct(sr, t.us):>5} {t.bound:8} {live:>13} "
-                    f"{t.per_cu or '':>5}")
+                    f"{t.per_cu or '':>5} {fl:>11}")
             if r.flydsl is not None and t.stage in ("gemm1", "gemm2"):
                 ft = fl_by_stage.get(t.stage, [None])[0]
                 if ft is not None:
-                    line += f"  | {ft.us:9.1f} {_pct(sr, ft.us):>5} {ft.bound}"
+                    line += (f"  | {ft.us:9.1f} {_pct(sr, ft.us):>5} {ft.bound:8} "
+                             f"{ft.inflight_kb_per_cu:4.0f}/{ft.needed_kb_per_cu:<4.0f}")
             p(line)
         if r.flydsl is not None:
             extra = [t for t in r.flydsl if t.stage not in ("gemm1", "gemm2") and t not in r.ours
@@ -1134,13 +1150,18 @@ def print_report(rows: list[LayerRow], *, flydsl_note: str, file=None, isa_kerne
     if isa_kernels:
         p("")
         p("GEMM ISA (steady K loop; for a fully unrolled loop, from the first MFMA to the last K load):")
+        p("  (loads@MFMA: vector-memory loads a wave has in flight at an MFMA of that stretch, the fewest;")
+        p("   B@MFMA: their bytes, the mean; epilogue: VALU / transcendental / IEEE-divide helper / memory")
+        p("   instructions / waits after the last MFMA)")
         p(f"  {'kernel':58} {'VGPR':>4} {'AGPR':>4} {'LDS':>6} {'scr':>3} {'w/SIMD':>6} {'K loop':8} "
-          f"{'MFMA%':>5} {'vmcnt0':>6} {'lgkm0':>5} {'loads@MFMA min':>14} {'B@MFMA mean':>11}")
+          f"{'MFMA%':>5} {'vmcnt0':>6} {'lgkm0':>5} {'loads@MFMA':>10} {'B@MFMA':>7} {'epilogue':>22}")
         for k in isa_kernels:
             d = isa_properties(k)
+            epi = (f"{d['epilogue_valu']}/{d['epilogue_trans']}/{d['epilogue_div']}/{d['epilogue_vmem']}/"
+                   f"{d['epilogue_waits']}")
             p(f"  {d['name'][:58]:58} {d['vgpr']:4d} {d['agpr']:4d} {d['lds']:6d} {d['scratch']:3d} "
               f"{d['waves_per_simd']:6d} {d['k_loop']:8} {100 * d['mfma_share']:5.1f} {d['vmcnt0']:6d} "
-              f"{d['lgkmcnt0']:5d} {d['min_loads_at_mfma']:14d} {d['mean_bytes_at_mfma']:11.0f}")
+              f"{d['lgkmcnt0']:5d} {d['min_loads_at_mfma']:10d} {d['mean_bytes_at_mfma']:7.0f} {epi:>22}")
     p("")
     p("Assumptions (MI355X):")
     for key, fact in HW.items():
