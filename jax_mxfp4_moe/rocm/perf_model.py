@@ -131,19 +131,24 @@ def cycles(us_: float) -> float:
 
 
 # ---------------------------------------------------------------- occupancy
-def vgpr_alloc(vgpr: int, agpr: int) -> int:
+def _limits() -> dict:
+    return dict(vgprs=int(HW["vgprs"].value), granule=8, max_waves=int(HW["max_waves"].value),
+                simds=int(HW["simds"].value), lds=int(HW["lds"].value), wave=int(HW["wave"].value))
+
+
+def vgpr_alloc(vgpr: int, agpr: int, granule: int = 8) -> int:
     """Registers a wave allocates per lane: arch VGPRs rounded to 4, then AGPRs, in granules of 8."""
-    regs = (-(-vgpr // 4) * 4 + agpr) if agpr else vgpr
-    return max(8, -(-regs // 8) * 8)
+    regs = (-(-vgpr // 4) * 4 + agpr) if agpr else vgpr  # AGPRs start at a multiple of 4
+    return max(granule, -(-regs // granule) * granule)
 
 
-def waves_per_simd(vgpr: int, agpr: int, lds: int, block_threads: int) -> int:
-    """Waves of one kernel a SIMD holds, limited by registers, LDS and the wave slots."""
-    w = min(int(HW["max_waves"].value), int(HW["vgprs"].value) // vgpr_alloc(vgpr, agpr))
+def waves_per_simd(vgpr: int, agpr: int, lds: int, block_threads: int, *, limits: dict | None = None) -> int:
+    """Waves of one kernel a SIMD holds, limited by registers, LDS and the wave slots (MI355X by default)."""
+    lim = limits or _limits()
+    w = min(lim["max_waves"], lim["vgprs"] // vgpr_alloc(vgpr, agpr, lim["granule"]))
     if lds:
-        block_waves = -(-block_threads // int(HW["wave"].value))
-        blocks = int(HW["lds"].value) // lds
-        w = min(w, blocks * block_waves // int(HW["simds"].value))
+        block_waves = -(-block_threads // lim["wave"])
+        w = min(w, (lim["lds"] // lds) * block_waves // lim["simds"])
     return w
 
 

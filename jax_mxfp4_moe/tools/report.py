@@ -20,11 +20,15 @@ import argparse
 import re
 import sys
 
+from jax_mxfp4_moe.rocm.perf_model import HW, waves_per_simd
+
 # Per-CU / per-SIMD limits of CDNA3/CDNA4 (gfx942/gfx950): 512 VGPRs per lane
 # per SIMD shared by arch VGPRs and AGPRs (granule 8), at most 8 waves per
 # SIMD, 4 SIMDs per CU; LDS per CU 160 KiB on gfx950 (64 KiB on gfx942).
+# gfx950's come from the performance model's table of MI355X facts.
 ARCH_LIMITS = {
-    "gfx950": dict(vgprs=512, granule=8, max_waves=8, simds=4, lds=160 * 1024, wave=64),
+    "gfx950": dict(vgprs=int(HW["vgprs"].value), granule=8, max_waves=int(HW["max_waves"].value),
+                   simds=int(HW["simds"].value), lds=int(HW["lds"].value), wave=int(HW["wave"].value)),
     "gfx942": dict(vgprs=512, granule=8, max_waves=8, simds=4, lds=64 * 1024, wave=64),
 }
 
@@ -47,18 +51,10 @@ def instruction_counts(isa: str) -> dict:
 
 def resources(co, arch: str = "gfx950") -> dict:
     """Register / LDS / scratch use of a compiled kernel and its occupancy."""
-    lim = ARCH_LIMITS[arch]
     md = co.metadata
     vgpr, agpr = int(md[".vgpr_count"]), int(md.get(".agpr_count", 0))
-    # AGPRs start at the first multiple of 4 after the arch VGPRs.
-    regs = (-(-vgpr // 4) * 4 + agpr) if agpr else vgpr
-    alloc = max(lim["granule"], -(-regs // lim["granule"]) * lim["granule"])
-    waves = min(lim["max_waves"], lim["vgprs"] // alloc)
     lds = int(md[".group_segment_fixed_size"])
-    block_waves = -(-(co.block[0] * co.block[1] * co.block[2]) // lim["wave"])
-    if lds:
-        blocks_per_cu = lim["lds"] // lds
-        waves = min(waves, blocks_per_cu * block_waves // lim["simds"])
+    waves = waves_per_simd(vgpr, agpr, lds, co.block[0] * co.block[1] * co.block[2], limits=ARCH_LIMITS[arch])
     return {
         "name": co.name,
         "vgpr": vgpr,
