@@ -233,3 +233,49 @@ def test_calibration_predicts_flydsl_within_30_percent():
         assert t / pt.us - 1 == pytest.approx(recorded, abs=0.02)
     for m, t in pm.predict_gemm1_check(codes).items():
         assert abs(t / pm.GEMM1_CHECK[m] - 1) <= 0.30, (m, t)
+
+
+# ------------------------------------------------ FlyDSL upstream, no snapshot
+def test_flydsl_snapshot_is_located_or_refused_clearly(monkeypatch, tmp_path):
+    from jax_mxfp4_moe.rocm import flydsl_upstream as fu
+
+    monkeypatch.delenv(fu.ENV_VAR, raising=False)
+    with pytest.raises(fu.SnapshotUnavailable, match="no FlyDSL snapshot"):
+        fu.locate(None)
+    with pytest.raises(fu.SnapshotUnavailable, match="neither a FlyDSL checkout"):
+        fu.locate(tmp_path)
+    (tmp_path / "kernels/moe/mxfp_moe").mkdir(parents=True)
+    (tmp_path / "kernels/moe/mxfp_moe/gemm1.py").write_text("# stand-in\n")
+    monkeypatch.setenv(fu.ENV_VAR, str(tmp_path))
+    assert fu.locate(None) == tmp_path
+
+
+def test_flydsl_tiles_and_grids():
+    from jax_mxfp4_moe.rocm import flydsl_upstream as fu
+
+    assert fu.padded(2880) == 3072 and fu.padded(7168) == 7168
+    bms = [fu.tile_policy(t)[0]["bm"] for t in pm.TOKENS]
+    assert bms == sorted(bms) and fu.tile_policy(64)[0]["inline_quant"] and not fu.tile_policy(512)[0]["inline_quant"]
+    # every row block a routing can fill fits the grid
+    for t in pm.TOKENS:
+        for bm in (16, 32, 128):
+            worst = t * 4 + min(t * 4, 128) * (bm - 1)  # every entry's expert padded to BM
+            assert fu.gemm1_grid(t, bm, 128, 4, 3072) >= -(-worst // bm) * (2 * 3072 // 256)
+
+
+@pytest.mark.skipif(not SNAPSHOT, reason="no FlyDSL snapshot ($JAX_MXFP4_MOE_FLYDSL_SNAPSHOT unset)")
+def test_flydsl_grid_matches_the_snapshots_host_code():
+    import json
+    import subprocess
+    import sys
+
+    from jax_mxfp4_moe.rocm import flydsl_upstream as fu
+
+    root = fu.locate(SNAPSHOT)
+    cases = [(t, bm) for t in (1, 8, 64, 512, 4096) for bm in (16, 32, 64, 128)]
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); "
+            "from kernels.moe.mxfp_moe.gemm1 import gemm1_grid; "
+            "print(json.dumps([gemm1_grid(t, bm, NE=128, TOPK=4, INTER=3072) for t, bm in json.loads(sys.argv[2])]))")
+    out = subprocess.run([sys.executable, "-c", code, str(root), json.dumps(cases)], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == [fu.gemm1_grid(t, bm, 128, 4, 3072) for t, bm in cases]
