@@ -190,7 +190,7 @@ def test_gemm_times_grow_with_tokens(layers):
 def test_isa_properties_of_the_shipped_gemms(layers):
     for t in layers[0].ours:
         if t.stage in ("gemm1", "gemm2"):
-            launch = next(l for l in pm.ours_launches("gpt-oss-120b", 1, "a4w4") if l.stage == t.stage)
+            launch = next(x for x in pm.ours_launches("gpt-oss-120b", 1, "a4w4") if x.stage == t.stage)
             d = pm.isa_properties(launch.kernel)
             assert d["scratch"] == 0 and 0 < d["mfma_share"] < 1 and d["waves_per_simd"] >= 1
             assert d["k_loop"] in ("loop", "unrolled")

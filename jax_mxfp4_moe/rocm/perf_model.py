@@ -662,21 +662,21 @@ def sort_trips(entries_per_wg: float, experts: int, block_m: int) -> TripFn:
 
     def trips(lp, prog):
         all_loops = isa_mod.loops(prog)
-        counts = {l: isa_mod.class_counts(l.body(prog)) for l in all_loops}
+        counts = {other: isa_mod.class_counts(other.body(prog)) for other in all_loops}
         c = counts[lp]
         if c["vmem_load"]:
             if c["lds"]:
                 return float(steps)
             # a remainder loop right after a loop with more loads per trip
-            prev = [l for l in all_loops if l.end < lp.start and counts[l]["vmem_load"] and not counts[l]["lds"]]
+            prev = [o for o in all_loops if o.end < lp.start and counts[o]["vmem_load"] and not counts[o]["lds"]]
             if prev and lp.start - prev[-1].end <= 24 and counts[prev[-1]]["vmem_load"] > c["vmem_load"]:
                 return float((steps % counts[prev[-1]]["vmem_load"]) // c["vmem_load"])
             return float(steps // c["vmem_load"]) if c["vmem_load"] > 1 else float(steps)
         if c["lds"]:
             return float(experts)
         if c["vmem_store"]:
-            total = sum(counts[l]["vmem_store"] for l in all_loops
-                        if not counts[l]["vmem_load"] and not counts[l]["lds"])
+            total = sum(counts[o]["vmem_store"] for o in all_loops
+                        if not counts[o]["vmem_load"] and not counts[o]["lds"])
             return max(1.0, (2 * experts * block_m / 64) / max(1, total))
         return 1.0
 
@@ -834,7 +834,7 @@ def flydsl_launches(preset: str, tokens: int, quant: str, codes: dict, *,
     routing = routing or Routing.uniform(E, k)
     g1v, g2v = flydsl_gemm_variants(preset, tokens, quant)
     ours = ours_launches(preset, tokens, quant, routing=routing)
-    keep = [l for l in ours if l.stage not in ("gemm1", "gemm2") and (l.stage != "quant" or not g1v.inline_quant)]
+    keep = [x for x in ours if x.stage not in ("gemm1", "gemm2") and (x.stage != "quant" or not g1v.inline_quant)]
     gem = flydsl_gemm_launches(g1v, g2v, codes[g1v], codes[g2v], tokens, k, routing, quant=quant)
     return keep[:-2] + gem + keep[-2:] if len(keep) >= 2 else keep + gem
 
@@ -965,7 +965,7 @@ def predict_calibration(codes: dict, calibration: dict | None = None, launches: 
     launches = launches or {pt: calibration_launches(pt, codes) for pt in CALIBRATION_POINTS}
     out = []
     for pt in CALIBRATION_POINTS:
-        times = [model_launch(l, calibration=calibration) for l in launches[pt]]
+        times = [model_launch(x, calibration=calibration) for x in launches[pt]]
         out.append((pt, layer_time(times, calibration=calibration)))
     return out
 
@@ -1006,7 +1006,7 @@ def calibrate(codes: dict) -> tuple[dict, list, dict]:
             g1 = predict_gemm1_check(codes, base)
             e1 = sum(math.log(g1[m] / GEMM1_CHECK[m]) ** 2 for m in GEMM1_CHECK)
             raw = predict_calibration(codes, base, launches)
-            fused = {pt: any(l.fixed_key == "aux_sort_us" for l in launches[pt]) for pt in launches}
+            fused = {pt: any(x.fixed_key == "aux_sort_us" for x in launches[pt]) for pt in launches}
             for g in range(0, 17):
                 for a2 in range(0, 33):
                     gap, aux = g / 4, a2 / 2
@@ -1021,10 +1021,6 @@ def calibrate(codes: dict) -> tuple[dict, list, dict]:
 # ------------------------------------------------------------------- report
 def stage_roofline_us(stage: str, preset: str, tokens: int, quant: str) -> float:
     """Roofline of one GEMM stage (its weights' bytes, or its FLOPs at the MFMA peak); 0 for other stages."""
-    from . import backend as rocm
-
-    p = rocm.PRESETS[preset]
-    E, k, H, I = p["num_experts"], p["top_k"], p["hidden"], p["intermediate"]
     share = {"gemm1": 2 / 3, "gemm2": 1 / 3}.get(stage)
     if share is None:
         return 0.0
@@ -1049,10 +1045,10 @@ def model_layers(presets, tokens, quants, *, flydsl_codes: dict | None = None) -
     for preset in presets:
         for q in quants:
             for T in tokens:
-                ours = [model_launch(l) for l in ours_launches(preset, T, q)]
+                ours = [model_launch(x) for x in ours_launches(preset, T, q)]
                 row = LayerRow(preset, q, T, roofline_us(preset, T, q), ours, layer_time(ours))
                 if flydsl_codes is not None:
-                    fl = [model_launch(l) for l in flydsl_launches(preset, T, q, flydsl_codes)]
+                    fl = [model_launch(x) for x in flydsl_launches(preset, T, q, flydsl_codes)]
                     row.flydsl, row.flydsl_us = fl, layer_time(fl)
                 rows.append(row)
     return rows

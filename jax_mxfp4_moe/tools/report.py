@@ -142,9 +142,9 @@ def model_report(args) -> int:
     for preset in presets:
         for q in quants:
             for T in sorted({min(tokens), max(tokens)}):
-                for l in perf_model.ours_launches(preset, T, q):
-                    if l.stage in ("gemm1", "gemm2"):
-                        kernels.append(l.kernel)
+                for launch in perf_model.ours_launches(preset, T, q):
+                    if launch.stage in ("gemm1", "gemm2"):
+                        kernels.append(launch.kernel)
                 if codes is not None:
                     kernels += [codes[v] for v in perf_model.flydsl_gemm_variants(preset, T, q)]
     kernels = list({k.name: k for k in kernels}.values())
