@@ -99,7 +99,9 @@ def _launch(kern, grid, args, out_types, *, zero_outputs=(), input_output_aliase
             call.append(outs[a.index])
         elif isinstance(a, ffi.Workspace):
             call.append(workspaces[0])
-        elif isinstance(a, (int, float)) or a is None:
+        elif a is None:  # a NULL pointer the kernel never dereferences (it may offset it)
+            call.append(torch.empty(0, dtype=torch.float32))
+        elif isinstance(a, (int, float)):
             call.append(a)
         else:
             aliased = [r for o, r in aliases.items() if o == k]

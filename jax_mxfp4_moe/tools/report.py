@@ -5,6 +5,13 @@ the presets' shapes and prints, per kernel, the registers, LDS and scratch
 its code object declares, the resulting waves per SIMD, and the counts of the
 instructions the design relies on (scaled MFMA, bf16 atomics, non-temporal
 loads).  Exit status 1 when a kernel exceeds the budgets below.
+
+``--model`` prints instead the performance model's estimate of every
+launch and of the layer on an MI355X (``rocm/perf_model.py``), for both
+presets at each token count, side by side with FlyDSL upstream's own
+``kernels/moe/mxfp_moe`` GEMMs when a snapshot of ROCm/FlyDSL is named
+(``--flydsl PATH`` or ``$JAX_MXFP4_MOE_FLYDSL_SNAPSHOT``), with the GEMMs'
+static ISA properties and the model's calibration.
 """
 
 from __future__ import annotations
@@ -13,11 +20,15 @@ import argparse
 import re
 import sys
 
+from jax_mxfp4_moe.rocm.perf_model import HW, waves_per_simd
+
 # Per-CU / per-SIMD limits of CDNA3/CDNA4 (gfx942/gfx950): 512 VGPRs per lane
 # per SIMD shared by arch VGPRs and AGPRs (granule 8), at most 8 waves per
 # SIMD, 4 SIMDs per CU; LDS per CU 160 KiB on gfx950 (64 KiB on gfx942).
+# gfx950's come from the performance model's table of MI355X facts.
 ARCH_LIMITS = {
-    "gfx950": dict(vgprs=512, granule=8, max_waves=8, simds=4, lds=160 * 1024, wave=64),
+    "gfx950": dict(vgprs=int(HW["vgprs"].value), granule=8, max_waves=int(HW["max_waves"].value),
+                   simds=int(HW["simds"].value), lds=int(HW["lds"].value), wave=int(HW["wave"].value)),
     "gfx942": dict(vgprs=512, granule=8, max_waves=8, simds=4, lds=64 * 1024, wave=64),
 }
 
@@ -40,18 +51,10 @@ def instruction_counts(isa: str) -> dict:
 
 def resources(co, arch: str = "gfx950") -> dict:
     """Register / LDS / scratch use of a compiled kernel and its occupancy."""
-    lim = ARCH_LIMITS[arch]
     md = co.metadata
     vgpr, agpr = int(md[".vgpr_count"]), int(md.get(".agpr_count", 0))
-    # AGPRs start at the first multiple of 4 after the arch VGPRs.
-    regs = (-(-vgpr // 4) * 4 + agpr) if agpr else vgpr
-    alloc = max(lim["granule"], -(-regs // lim["granule"]) * lim["granule"])
-    waves = min(lim["max_waves"], lim["vgprs"] // alloc)
     lds = int(md[".group_segment_fixed_size"])
-    block_waves = -(-(co.block[0] * co.block[1] * co.block[2]) // lim["wave"])
-    if lds:
-        blocks_per_cu = lim["lds"] // lds
-        waves = min(waves, blocks_per_cu * block_waves // lim["simds"])
+    waves = waves_per_simd(vgpr, agpr, lds, co.block[0] * co.block[1] * co.block[2], limits=ARCH_LIMITS[arch])
     return {
         "name": co.name,
         "vgpr": vgpr,
@@ -89,13 +92,84 @@ def report(arch: str = "gfx950") -> list[dict]:
             for m, cfg in rocm_config.shipped_variants()]
 
 
+def model_report(args) -> int:
+    """``--model``: the performance model's report (see ``rocm/perf_model.py``)."""
+    from jax_mxfp4_moe.rocm import config as rocm_config, flydsl_upstream, perf_model
+
+    presets = args.presets.split(",") if args.presets else list(rocm_config.PRESETS)
+    for name in presets:
+        if name not in rocm_config.PRESETS:
+            print(f"--presets: unknown preset {name!r}; known: {sorted(rocm_config.PRESETS)}",
+                  file=sys.stderr)
+            return 2
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        print(f"--tokens: expected comma-separated integers, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    if any(t <= 0 for t in tokens):
+        print(f"--tokens: expected positive token counts, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    quants = args.quant.split(",")
+    for q in quants:
+        if q not in perf_model.QUANTS:
+            print(f"--quant: expected a subset of {perf_model.QUANTS}, got {q!r}", file=sys.stderr)
+            return 2
+    codes = None
+    calib_rows = None
+    try:
+        root = flydsl_upstream.locate(args.flydsl)
+        variants = perf_model.flydsl_variants_for(presets, tokens, quants) + perf_model.calibration_variants()
+        codes = flydsl_upstream.compile_variants(variants, root)
+        note = (f"upstream kernels/moe/mxfp_moe from {root} (sources {flydsl_upstream.sources_hash(root)[:12]}), "
+                "H and I padded to multiples of 256 (gpt-oss-120b at 3072); same sort/quant/glue as ours, "
+                "tiles as aiter's tuned table picks them")
+        if args.calibrate:
+            cal, res, g1 = perf_model.calibrate(codes)
+            print(f"fitted constants: {cal}")
+            perf_model.CALIBRATION.update(cal)
+        res = perf_model.predict_calibration(codes)
+        g1 = perf_model.predict_gemm1_check(codes)
+        calib_rows = ([(f"{pt.model} {pt.experts}/{pt.hidden}/{pt.inter}/{pt.top_k} M={pt.tokens}", pt.us, t)
+                       for pt, t in res]
+                      + [(f"(check) kimi_k2.5 gemm1 alone M={m}", perf_model.GEMM1_CHECK[m], t)
+                         for m, t in g1.items()])
+    except flydsl_upstream.SnapshotUnavailable as e:
+        note = f"not compared: {e}"
+        if args.calibrate:
+            print(f"--calibrate needs a FlyDSL snapshot: {e}", file=sys.stderr)
+            return 2
+    rows = perf_model.model_layers(presets, tokens, quants, flydsl_codes=codes)
+    kernels = []
+    for preset in presets:
+        for q in quants:
+            for T in sorted({min(tokens), max(tokens)}):
+                for launch in perf_model.ours_launches(preset, T, q):
+                    if launch.stage in ("gemm1", "gemm2"):
+                        kernels.append(launch.kernel)
+                if codes is not None:
+                    kernels += [codes[v] for v in perf_model.flydsl_gemm_variants(preset, T, q)]
+    kernels = list({k.name: k for k in kernels}.values())
+    perf_model.print_report(rows, flydsl_note=note, isa_kernels=kernels, calibration_rows=calib_rows)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jax_mxfp4_moe.tools.report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="gfx950", choices=sorted(ARCH_LIMITS))
+    p.add_argument("--model", action="store_true", help="print the MI355X performance model's report")
+    p.add_argument("--flydsl", default=None, help="ROCm/FlyDSL snapshot (checkout or bare git repository) to "
+                   "compare against; default $JAX_MXFP4_MOE_FLYDSL_SNAPSHOT")
+    p.add_argument("--presets", default="", help="comma-separated presets (default: all)")
+    p.add_argument("--tokens", default=",".join(str(t) for t in (1, 8, 64, 512, 4096)))
+    p.add_argument("--quant", default="a4w4,a8w4")
+    p.add_argument("--calibrate", action="store_true", help="refit the model's constants first (needs --flydsl)")
     args = p.parse_args(argv)
     if args.arch != "gfx950":
         print(f"no kernels are shipped for {args.arch}", file=sys.stderr)
         return 2
+    if args.model:
+        return model_report(args)
     rows = report(args.arch)
     cols = ("vgpr", "agpr", "sgpr", "lds", "scratch", "waves_per_simd", "mfma_scale", "atomic_pk_add_bf16", "nt_loads")
     heads = ("VGPR", "AGPR", "SGPR", "LDS B", "scratch", "waves/SIMD", "scaled MFMA", "pk_add_bf16", "nt loads")
