@@ -21,7 +21,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
-from jax_mxfp4_moe import prepare_weights, reference, routing, sorting  # noqa: E402
+from jax_mxfp4_moe import prepare_weights  # noqa: E402
+from jax_mxfp4_moe.layer import routing  # noqa: E402
+from jax_mxfp4_moe.numerics import reference, sorting  # noqa: E402
 from jax_mxfp4_moe.cuda.kernels import moe_gather, moe_wgmma  # noqa: E402
 
 NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
