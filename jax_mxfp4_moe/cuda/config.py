@@ -137,11 +137,12 @@ def gemm1_slice_steps(steps: int, split: int, programs: int, slots: int) -> int:
 # 8 programs per SM (bench/trace_decode.py), with split-K sized for 9; that
 # sizing measured best (gpt-oss-120b and deepseek-v3 at T=1, bench/NOTES.md).
 # Past 64 rows per expert the Gluon kernels run (PrefillConfig; sm90 weights):
-# 128 x 256 tiles, a 3-deep operand ring, 5-deep fp4 staging. On an H200
-# (bench/NOTES.md, Session 9) they took gpt-oss-120b T=4096 / 16384 to 2360 /
-# 7500 us (dot_scaled: ~4015 / ~11618) and deepseek-v3 to 8097 / 25380 us; at
-# 32 rows per expert (T=1024) a 128-row block is mostly padding (1534 us for
-# gpt-oss-120b), so the 64-row mma.sync regime keeps T <= 64 rows per expert.
+# 128 x 256 tiles, a 3-deep operand ring, 5-deep fp4 staging. On one H200
+# (bench/NOTES.md, Session 9; bench layer times, one machine) gpt-oss-120b
+# a16w4 T=4096 / 16384 took 2420 / 7239 us against the dot_scaled regime's
+# 3933 / 11190 us. At 32 rows per expert (T=1024) a 128-row block is mostly
+# padding (1534 us for gpt-oss-120b, standalone), so the 64-row mma.sync
+# regime keeps T <= 64 rows per expert.
 _REGIMES = (
     # (max rows per expert, BM, gemm1, gemm2, warps per SM[, prefill])
     (2, 8, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3), 18),
