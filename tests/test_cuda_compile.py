@@ -226,6 +226,12 @@ def test_gather_prepass_compiles(x_dtype, fmt):
     assert ops["LDL"] == 0 and ops["STL"] == 0
 
 
+def test_wgmma_kernels_address_the_sm90_layout_tile():
+    from jax_mxfp4_moe.cuda import layout
+    from jax_mxfp4_moe.cuda.kernels import moe_wgmma
+    assert (moe_wgmma.TILE_N.value, moe_wgmma.TILE_K.value) == (layout.TILE_N, layout.TILE_K)
+
+
 def test_prefill_path_lowers_for_cuda():
     """Past 64 rows per expert, sm90 weights: sort (3 launches), gather,
     the two wgmma gemms; canonical weights keep the dot_scaled kernels."""

@@ -11,24 +11,27 @@ blocks below num_valid[0] exist, so the units form the prefix
 weight tile while it is in L2), and each of the grid's persistent CTAs
 takes every grid-th unit.
 
-A CTA holds two partitions:
-- the producer (4 warps, few registers) creates the TMA descriptors, loads
-  the activation tiles [BM, BK] bf16 by TMA straight into the operand ring,
-  loads the fp4 weight tiles and their E8M0 scales by TMA into a staging
-  ring W_STAGES deep (W_STAGES - 1 K steps ahead), upcasts them to bf16 with
-  the scale folded in (exact: an E2M1 value times a power of two is a bf16),
-  and stores them into the operand ring, STAGES deep;
+A CTA holds two partitions (12 warps: a 13th warp for the copies would make
+16, and ptxas allocates every partition within 65536 / 512 = 128 registers,
+too few for the consumers' 128 accumulators):
+- the producer (4 warps) only upcasts: per K step the staged fp4 weight
+  tiles and their E8M0 scales -> bf16 with the scale folded in (exact: an
+  E2M1 value times a power of two is a bf16), into the operand ring, STAGES
+  deep. Issuing copies itself cost it a partition barrier per copy (triton's
+  membar), and it is the pipeline's narrowest part (bench/NOTES.md, Session 9);
 - the consumers (the default partition: BM // 16 warps, one warpgroup per 64
-  rows) issue async wgmma on each ring slot as it fills, keep one in flight
-  while the next is issued, release the slot when its wgmma has retired, and
-  run the epilogue.
+  rows) create the TMA descriptors and issue every copy between a wgmma's
+  issue and its wait: the activation tile [BM, BK] bf16 straight into the
+  operand slot that just retired, and the weights W_STAGES steps ahead into
+  the staging ring. They keep one wgmma in flight while the next slot is
+  awaited, release a slot when its wgmma has retired, and run the epilogue.
 
 The activation rows are read by TMA, which cannot gather: gemm1 reads x
 already gathered into sorted order ([P, H] bf16, moe_gather.py; in the MX
 modes that pre-pass also quantises), gemm2 reads gemm1's output, which is in
 sorted order.
 
-Weights are the sm90 layout (cuda_layout.py): values [E, N/64, K/128, 64,
+Weights are the sm90 layout (cuda/layout.py): values [E, N/64, K/128, 64,
 64] and scales [E, N/64, K/128, 64, 4] bytes, zero-padded tiles. The kernels
 view them as 3-D tensors [E * N/64, K/128 * 64, 64] and [E * N/64, K/128 *
 16, 16] (a tile's scales are 16 rows of 16 bytes), so one TMA box brings a K
@@ -41,12 +44,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-# The partition-wide barrier: named `barrier` from triton 3.7 on, `thread_barrier` before.
+# The partition-wide barrier: `barrier` in triton 3.9, `thread_barrier` in 3.6.
 _partition_barrier = getattr(gl, "barrier", None) or getattr(gl, "thread_barrier")
-# TMA load into shared memory: `async_load` from triton 3.7 on, `async_copy_global_to_shared` before.
+# TMA load into shared memory: `async_load` in triton 3.9, `async_copy_global_to_shared` in 3.6.
 _tma_load = getattr(tma, "async_load", None) or getattr(tma, "async_copy_global_to_shared")
 
-# Layout tile of the sm90 weight layout (cuda/layout.py TILE_N, TILE_K): 64
+# Layout tile of the sm90 weight layout (cuda/layout.py TILE_N, TILE_K: the
+# kernel sources, which alone key the code cache, keep their own copy): 64
 # rows x 128 K; 64 bytes of values and 4 scale bytes per row.
 TILE_N: gl.constexpr = gl.constexpr(64)
 TILE_K: gl.constexpr = gl.constexpr(128)
