@@ -193,7 +193,7 @@ def _run_moe(c):
                                        dtype=getattr(jnp, c["dtype"]))
     if c.get("ids") is not None:
         ids = jnp.asarray(c["ids"], jnp.int32)
-    _, bm, g1, g2, warps = cuda_config._REGIMES[c["regime"]]
+    _, bm, g1, g2, warps, *_ = cuda_config._REGIMES[c["regime"]]
     cfg = cuda_config.MoEConfig(bm, dataclasses.replace(g1, split_k=c["split"]),
                                  dataclasses.replace(g2, split_k=c["split"]), warps)
     cuda.choose_config = lambda *a, cfg=cfg, **k: cfg

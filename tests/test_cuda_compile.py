@@ -66,7 +66,7 @@ def loop_ops(k, min_len=100) -> collections.Counter:
 @pytest.mark.parametrize("fmt,act,interleaved,bias", [(0, 0, False, False), (1, 1, True, True),
                                                      (2, 0, True, False)])
 def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interleaved, bias):
-    _, bm, g1, _, _ = _REGIMES[regime]
+    _, bm, g1, _, _, *_ = _REGIMES[regime]
     a_fmt = fmt if g1.fuse_x_quant else 0  # else x is quantised by mx_quant_dequant
     split = 2 if g1.swap else 1  # the decode regimes may split K
     k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
@@ -90,7 +90,7 @@ def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interl
 @pytest.mark.parametrize("regime", range(len(_REGIMES)))
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_gemm2_variants(regime, deterministic):
-    _, bm, _, g2, _ = _REGIMES[regime]
+    _, bm, _, g2, _, *_ = _REGIMES[regime]
     k = kernel("moe_gemm", "moe_gemm2", num_warps=g2.num_warps, num_stages=g2.num_stages, BM=bm,
                BN=g2.block_n,
                BK=g2.block_k, SPLIT_K=1 if deterministic else 2, HAS_BIAS=not deterministic,
@@ -114,7 +114,7 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     """moe_decode (both gemms, routed from topk_ids, counted cast) compiles
     with tensor cores and no spills; the weight upcast is cheaper with the
     2**126 folded into the scales (fewer bf16x2 multiplies)."""
-    _, bm, g1, g2, warps = _REGIMES[0]
+    _, bm, g1, g2, warps, *_ = _REGIMES[0]
 
     def build(fold, even_k, pad=True):
         return kernel("moe_decode", "moe_decode", num_warps=g1.num_warps,
@@ -145,6 +145,129 @@ def test_decode_kernel_compiles_to_one_launch(nmax, split, fold, even_k):
     # with the weights, whether or not K is a multiple of the K step.
     canon = sass_ops(build(fold, even_k, pad=False))
     assert canon["LDG"] > ops["LDG"] and canon["LDGSTS"] < ops["LDGSTS"], (canon, ops)
+
+
+# ---------------------------------------------------------------------------
+# The Gluon prefill kernels (moe_wgmma) and their gather pre-pass
+# ---------------------------------------------------------------------------
+
+def _prefill_kernel(name, fold, **consts):
+    pc = cuda_config.PrefillConfig()
+    return kernel("moe_wgmma", name, num_warps=8, maxnreg=pc.maxnreg, BM=128, BN=pc.block_n,
+                  BK=64, STAGES=pc.stages, W_STAGES=pc.w_stages, GROUP_M=pc.group_m, FOLD=fold,
+                  PRODUCER_REGS=pc.producer_regs, **consts)
+
+
+def innermost_loop(k, op) -> collections.Counter:
+    """Opcode counts of the shortest loop of the kernel that holds `op`; "BAR128"
+    counts the barriers of 128 threads in it (the producer partition's own:
+    the loop's span may also hold the warp-specialisation dispatch's)."""
+    ins = _sass(k)
+    best = None
+    for addr, o, text in ins:
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if o == "BRA" and m and int(m.group(1), 16) < addr:
+            body = [(b, t) for a, b, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any(b == op for b, _ in body) and (best is None or len(body) < len(best)):
+                best = body
+    assert best is not None, f"no loop holds {op}"
+    counts = collections.Counter(b for b, _ in best)
+    counts["BAR128"] = sum(1 for b, t in best if b == "BAR" and t.rstrip().endswith("0x80"))
+    return counts
+
+
+def _check_warp_specialised_wgmma(k):
+    ops = sass_ops(k)
+    assert ops["HGMMA"] > 0, ops                      # async warpgroup MMA
+    assert ops["LDL"] == 0 and ops["STL"] == 0, "local-memory spills"
+    assert ops["UTMALDG"] > 0, ops                    # TMA loads (activations, fp4, scales)
+    assert ops["SYNCS"] > 0, ops                      # mbarrier waits / arrives
+    assert ops["USETMAXREG"] > 0, ops                 # registers moved between the partitions
+    assert k.block == (384, 1, 1)                     # 2 consumer warpgroups + the producer
+    assert k.shared_mem <= 227 * 1024
+    assert k.params[-2:] == ("ptr", "null")           # global scratch (TMA descriptors), profile
+    # the consumers' K loop: wgmma, one in flight while the next slot is awaited
+    consumer = innermost_loop(k, "HGMMA")
+    assert consumer["HGMMA"] == 4 and consumer["WARPGROUP"] >= 2, consumer  # BK 64 = 4 x k16
+    return ops
+
+
+@pytest.mark.parametrize("fmt,act,interleaved,bias,fold", [
+    (0, 1, True, True, True), (1, 0, False, False, True), (2, 0, True, True, False),
+    (0, 0, False, True, False), (2, 1, False, False, True)])
+def test_wgmma_gemm1_variants(fmt, act, interleaved, bias, fold):
+    k = _prefill_kernel("moe_wgmma_gemm1", fold, ACT=act, OUT_FMT=fmt, INTERLEAVED=interleaved,
+                        HAS_BIAS=bias)
+    _check_warp_specialised_wgmma(k)
+    producer = innermost_loop(k, "HMUL2")
+    # the producer's K step: 16 words of 8 E2M1 per thread, the scale in one bf16x2
+    # multiply per pair (4 per word), 16-byte shared stores
+    assert producer["HMUL2"] == 64 and producer["STS"] >= 16, producer
+    if fold:  # one prmt per output pair, at most 2 partition barriers
+        assert producer["PRMT"] == 64 and producer["BAR128"] <= 2, producer
+    assert producer["HGMMA"] == 0 and producer["UTMALDG"] == 0
+
+
+@pytest.mark.parametrize("bias,deterministic,fold", [(True, False, True), (False, True, False)])
+def test_wgmma_gemm2_variants(bias, deterministic, fold):
+    k = _prefill_kernel("moe_wgmma_gemm2", fold, HAS_BIAS=bias, DETERMINISTIC=deterministic)
+    _check_warp_specialised_wgmma(k)
+    # f32 atomic adds (REDG, or ATOMG from triton 3.6), or per-slot stores
+    adds = [t for _, _, t in _sass(k) if re.match(r"(?:@!?U?P\w+\s+)?(?:RED|ATOM)\w*\.\S*ADD", t)]
+    assert bool(adds) != deterministic, adds[:3]
+
+
+@pytest.mark.parametrize("x_dtype,fmt", [("bf16", 0), ("fp32", 1), ("fp16", 2)])
+def test_gather_prepass_compiles(x_dtype, fmt):
+    k = kernel("moe_gather", "moe_gather", num_warps=4, x_dtype=x_dtype, BLOCK_R=16, BLOCK_K=256,
+               A_FMT=fmt)
+    assert k.params[:4] == ("ptr16",) * 4
+    ops = sass_ops(k)
+    assert ops["LDL"] == 0 and ops["STL"] == 0
+
+
+def test_wgmma_kernels_address_the_sm90_layout_tile():
+    from jax_mxfp4_moe.cuda import layout
+    from jax_mxfp4_moe.cuda.kernels import moe_wgmma
+    assert (moe_wgmma.TILE_N.value, moe_wgmma.TILE_K.value) == (layout.TILE_N, layout.TILE_K)
+
+
+def test_prefill_path_lowers_for_cuda():
+    """Past 64 rows per expert, sm90 weights: sort (3 launches), gather,
+    the two wgmma gemms; canonical weights keep the dot_scaled kernels."""
+    shape = moe_cases.GPT_OSS_LIKE
+    T = 300
+    assert T * shape.k / shape.E > 64
+    for layout, names in (("sm90", ("moe_gather", "moe_wgmma_gemm1", "moe_wgmma_gemm2")),
+                          ("canonical", ("moe_gemm1", "moe_gemm2"))):
+        w = moe_cases.make_weights(shape, gate_up="interleaved", layout=layout)
+        x = jnp.zeros((T, shape.H), jnp.bfloat16)
+        tw = jnp.zeros((T, shape.k), jnp.float32)
+        ids = jnp.zeros((T, shape.k), jnp.int32)
+        f = lambda x, tw, ids: moe_cases.backend_moe(cuda, x, w, tw, ids, activation="swiglu_oai",
+                                                     quant="a8w4", deterministic=True)
+        text = jax.jit(f).trace(x, tw, ids).lower(lowering_platforms=("cuda",)).as_text()
+        for name in names:
+            assert name in text, (layout, name)
+        assert ("moe_wgmma" in text) == (layout == "sm90")
+    # separated gate/up rows whose up half does not start on a 64-row tile
+    assert not cuda_config.prefill_supported(cuda_config.PrefillConfig(), I=96,
+                                             gate_up="separated", layout="sm90")
+    assert cuda_config.prefill_supported(cuda_config.PrefillConfig(), I=96,
+                                         gate_up="interleaved", layout="sm90")
+
+
+def test_bench_probe_kernels():
+    """The bench's own ceilings (cuda/probes.py): a streaming read with
+    16-byte loads, and a bf16 matmul on the warpgroup tensor cores."""
+    from jax_mxfp4_moe.cuda import probes
+    k = kernel("probes", "stream_read", num_warps=8, BLOCK=probes._READ_BLOCK,
+               UNROLL=probes._READ_UNROLL)
+    text = " ".join(t for _, _, t in _sass(k))
+    assert "LDG.E.128" in text or "LDG.E.EF.128" in text or re.search(r"LDG\.E\S*\.128", text)
+    k = kernel("probes", "matmul_bf16", num_warps=8, num_stages=3, **probes._MM)
+    ops = sass_ops(k)
+    assert ops["HGMMA"] > 0 and ops["LDL"] == 0 and ops["STL"] == 0, ops
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -200,8 +323,16 @@ def test_config_table_properties():
     # a big grid needs no split
     assert choose_config(512, 4, 128, 2880, 2880, deterministic=False).gemm1.split_k == 1
     # moe_decode runs both gemms in one kernel: one warp count, pipeline depth and operand order
-    for _, _, g1, g2, _ in _REGIMES:
+    for _, _, g1, g2, _, *_ in _REGIMES:
         assert (g1.num_warps, g1.num_stages, g1.swap) == (g2.num_warps, g2.num_stages, g2.swap)
+    # the wgmma kernels past 64 rows per expert only (a 128-row block is mostly
+    # padding below), on 128-row blocks of the sort contract
+    for T, E, want in ((512, 128, False), (2048, 128, False), (4096, 128, True), (16384, 256, True)):
+        c = choose_config(T, 4 if E == 128 else 8, E, 2880, 2880, deterministic=False)
+        assert (c.prefill is not None) == want, T
+        if want:
+            assert c.block_m == 128 and c.prefill.block_n % 128 == 0
+            assert c.prefill.w_stages > c.prefill.stages  # the weights' copies lead the producer
 
 
 def test_programs_per_sm_and_the_short_last_gemm1_slice():

@@ -172,3 +172,26 @@ def test_interpreter_rejects_what_it_does_not_know():
     assert _prmt(0x80402010, 0, 0x3210) == 0x80402010
     assert _prmt(0x80402010, 0, 0x000B) == 0x101010FF
     assert _prmt(0x11223344, 0x55667788, 0x4140) == 0x88338844
+
+
+def test_wgmma_producer_upcast_ptx_gives_every_element_in_order_times_the_scale():
+    """The Gluon prefill producer's upcast (moe_wgmma.E2M1_PAIRS_ASM): one
+    word of 8 E2M1 codes and the folded scale 2**(byte - 1) as a bf16 pair ->
+    4 bf16x2 words holding elements 0..7 in K order, each the E2M1 value times
+    2**(byte - 127), exactly (signs of zero kept), for every code in every
+    position and every scale byte the fold admits."""
+    from jax_mxfp4_moe.cuda.config import FOLD_MAX_SCALE_BYTE
+    wgmma = pytest.importorskip(f"{KERNEL_PACKAGE}.moe_wgmma")
+    asm = wgmma.E2M1_PAIRS_ASM.value
+    words = _words()
+    for byte in (0, 1, 60, 126, 127, FOLD_MAX_SCALE_BYTE):
+        scale = np.array([2.0 ** (byte - 1)], ml_dtypes.bfloat16).view(np.uint16)[0]
+        pair = int(scale) | int(scale) << 16
+        for word in words:
+            word = int(word)
+            r = run_ptx(asm, {"$4": word, "$5": pair, "$6": pair})
+            got = np.concatenate([_bf16_pair(r[f"${j}"]) for j in range(4)]).astype(np.float64)
+            codes = [(word >> (4 * i)) & 0xF for i in range(8)]  # element 2i: low nibble of byte i
+            want = _e2m1(codes) * 2.0 ** (byte - 127)
+            np.testing.assert_array_equal(got, want, err_msg=f"word {word:#010x} byte {byte}")
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))

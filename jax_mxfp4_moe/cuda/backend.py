@@ -8,6 +8,9 @@ Pipeline (docs/DESIGN.md §3), all launches on the GPU:
 At decode size (config.DIRECT_MAX) the layer is one custom call: a
 memset of its scratch and one kernel (moe_decode.moe_decode) that routes from
 topk_ids itself, runs gemm1 then gemm2 and writes the output dtype.
+Past 64 rows per expert, with sm90 weights, gemm1 and gemm2 are the Gluon
+wgmma kernels (moe_wgmma.py) after a pre-pass that gathers x into sorted
+order (_prefill).
 """
 
 from __future__ import annotations
@@ -180,6 +183,10 @@ def moe(x, weights, topk_weights, topk_ids, expert_mask=None, *, spec, determini
     n = T * K
     direct = n <= DIRECT_MAX and expert_mask is None
     cfg = choose_config(T, K, E, H, I, deterministic=deterministic, direct=direct)
+    if cfg.prefill is not None and not direct and config.prefill_supported(
+            cfg.prefill, I=I, gate_up=w.gate_up, layout=w.layout):
+        return _prefill(x, w, topk_weights, topk_ids, expert_mask, cfg, spec=spec,
+                        deterministic=deterministic)
     BM = cfg.block_m
     g1, g2 = cfg.gemm1, cfg.gemm2
     grid_m = sorting.max_blocks(n, E, BM)
@@ -239,6 +246,56 @@ def moe(x, weights, topk_weights, topk_ids, expert_mask=None, *, spec, determini
                     [inter, w.w2, w.w2_scale, w.b2, *route2, ffi.Out(0), T, H, I, E, K],
                     [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,),
                     name="moe_gemm2")
+    if deterministic:
+        acc = functools.reduce(lambda a, b: a + b, [acc[:, j] for j in range(K)])
+    return acc.astype(out_dtype)
+
+
+def _prefill(x, w, topk_weights, topk_ids, expert_mask, cfg, *, spec, deterministic):
+    """The layer through the Gluon wgmma kernels (cuda/kernels/moe_wgmma.py):
+    sort -> x gathered into sorted order (and MX-quantised; moe_gather) ->
+    gemm1 -> gemm2 (atomic f32 y, or per-slot y [T, k, H] summed in slot
+    order) -> cast. Persistent grids: at most one CTA per SM (each holds
+    ~190 KB of shared memory), never more than the units any routing fills."""
+    pc = cfg.prefill
+    out_dtype = x.dtype
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, I = w.num_experts, w.intermediate
+    BM = cfg.block_m
+    n_sort = E if expert_mask is None else expert_mask.shape[0]
+    s = sort(topk_ids, topk_weights, num_experts=n_sort, block_m=BM, expert_mask=expert_mask)
+    sid, sw, sexp, nv = s
+    P = sid.shape[0]
+    grid_m = min(sorting.num_blocks(T, K, n_sort, BM), sorting.max_blocks(T * K, E, BM))
+    fmt = spec.mode.code
+    act, alpha, limit = _activation_args(spec.activation)
+    fold = w.scale_max is not None and w.scale_max <= FOLD_MAX_SCALE_BYTE
+    rows, cols = 16, 256
+    gather = kernel("moe_gather", "moe_gather", num_warps=4,
+                    x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name], BLOCK_R=rows, BLOCK_K=cols,
+                    A_FMT=fmt)
+    (xs,) = launch(gather, (-(-P // rows), -(-H // cols), 1), [x, sid, nv, ffi.Out(0), T, H, P],
+                   [jax.ShapeDtypeStruct((P, H), jnp.bfloat16)], name="moe_gather")
+    common = dict(num_warps=BM // 16, maxnreg=pc.maxnreg, BM=BM, BN=pc.block_n, BK=64,
+                  STAGES=pc.stages, W_STAGES=pc.w_stages, GROUP_M=pc.group_m, FOLD=fold,
+                  PRODUCER_REGS=pc.producer_regs)
+    k1 = kernel("moe_wgmma", "moe_wgmma_gemm1", ACT=act, OUT_FMT=fmt,
+                INTERLEAVED=w.gate_up == "interleaved", HAS_BIAS=w.b1 is not None, **common)
+    grid1 = (min(config.NUM_SMS, grid_m * -(-I // (pc.block_n // 2))), 1, 1)
+    (inter,) = launch(k1, grid1,
+                      [xs, w.w1, w.w1_scale, w.b1, sid, sexp, nv,
+                       ffi.Out(0), P, H, I, E, alpha, limit],
+                      [jax.ShapeDtypeStruct((P, I), jnp.bfloat16)], name="moe_wgmma_gemm1")
+    k2 = kernel("moe_wgmma", "moe_wgmma_gemm2", HAS_BIAS=w.b2 is not None,
+                DETERMINISTIC=bool(deterministic), **common)
+    grid2 = (min(config.NUM_SMS, grid_m * -(-H // pc.block_n)), 1, 1)
+    y_shape = (T, K, H) if deterministic else (T, H)
+    (acc,) = launch(k2, grid2,
+                    [inter, w.w2, w.w2_scale, w.b2, sid, sw, sexp, nv,
+                     ffi.Out(0), P, T, H, I, E, K],
+                    [jax.ShapeDtypeStruct(y_shape, jnp.float32)], zero_outputs=(0,),
+                    name="moe_wgmma_gemm2")
     if deterministic:
         acc = functools.reduce(lambda a, b: a + b, [acc[:, j] for j in range(K)])
     return acc.astype(out_dtype)

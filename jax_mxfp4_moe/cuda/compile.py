@@ -1,8 +1,9 @@
-"""Ahead-of-time compilation of a Triton kernel to a cubin for ffi.launch.
+"""Ahead-of-time compilation of a Triton or Gluon kernel to a cubin for ffi.launch.
 
 Works without a GPU (Triton's own ptxas) and with the Triton API common to
 3.6 and 3.9: ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
-target=GPUTarget("cuda", arch, 32), options=...)``.
+target=GPUTarget("cuda", arch, 32), options=...)`` (``GluonASTSource`` for a
+``@gluon.jit`` kernel).
 
 The kernels' signatures, their variants' compilation (cached on disk by
 ``runtime.codecache``; a process without triton runs from a ready cache) and
@@ -12,7 +13,10 @@ The parameter list handed to ``ffi.Kernel`` is derived from the signature
 (constexprs dropped) and checked against the compiled PTX entry, whose extra
 trailing u64 parameters are Triton's hidden scratch pointers (global scratch,
 then profile scratch in current releases): they are passed as NULL, which is
-what Triton's own launcher does when their sizes are 0.
+what Triton's own launcher does when their sizes are 0. Only Gluon kernels may
+need global scratch (the TMA descriptors they create on the device: 128 bytes
+each per program); ``launch`` then passes a launcher workspace of that size
+per program of the grid.
 """
 
 from __future__ import annotations
@@ -91,6 +95,11 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
     arg_names = list(getattr(fn, "arg_names", None) or [])
     if not arg_names:
         raise TypeError(f"fn: expected a @triton.jit function, got {fn!r}")
+    gluon = bool(getattr(fn, "is_gluon", lambda: False)())
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
+        if "num_warps" in arg_names:  # Gluon kernels read their warp count as a constexpr
+            constexprs = {**constexprs, "num_warps": num_warps}
     if not isinstance(signature, dict) or not isinstance(constexprs, dict):
         raise TypeError("signature and constexprs: expected dicts keyed by argument name")
     for what, names in (("signature", signature), ("constexprs", constexprs),
@@ -113,11 +122,14 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
 
     md = compiled.metadata
     name = md.name
-    for field in ("global_scratch_size", "profile_scratch_size"):
-        if getattr(md, field, 0):
-            raise ValueError(
-                f"fn: {name} needs {field}={getattr(md, field)}; the launcher passes NULL "
-                "scratch pointers only")
+    scratch = int(getattr(md, "global_scratch_size", 0) or 0)
+    if getattr(md, "profile_scratch_size", 0) or (scratch and not gluon):
+        raise ValueError(
+            f"fn: {name} needs global scratch {scratch} / profile scratch "
+            f"{getattr(md, 'profile_scratch_size', 0)}; the launcher passes NULL scratch "
+            "pointers (a workspace for a Gluon kernel's global scratch)")
+    if scratch and int(getattr(md, "global_scratch_align", 1)) > WORKSPACE_ALIGN:
+        raise ValueError(f"fn: {name}'s global scratch needs alignment {md.global_scratch_align}")
     if getattr(md, "num_ctas", 1) != 1:
         raise ValueError(f"fn: {name} uses num_ctas={md.num_ctas}; clusters are not supported")
 
@@ -129,6 +141,8 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
             f"{name}: PTX parameter sizes {sizes} do not match the signature's {params} "
             "followed by 8-byte hidden pointers")
     params = params + ["null"] * hidden
+    if scratch:
+        params[len(params) - hidden] = "ptr"  # the global scratch: a launcher workspace
 
     meta = {
         "name": name,
@@ -138,6 +152,7 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
         "params": params,
         "arch": arch,
         "triton_version": triton.__version__,
+        "global_scratch": scratch,  # bytes per program
     }
     return bytes(compiled.asm["cubin"]), meta
 
@@ -147,6 +162,8 @@ def compile_triton(fn, signature: dict, constexprs: dict, *, arch: int = 90,
 # ---------------------------------------------------------------------------
 
 ARCH = 90  # sm_90a (Hopper: H100, H200)
+# Launcher workspaces are device allocations (cuMemAlloc: 256-byte aligned).
+WORKSPACE_ALIGN = 256
 
 
 KERNEL_PACKAGE = "jax_mxfp4_moe.cuda.kernels"
@@ -201,6 +218,19 @@ _SIGNATURES = {
         out_ptr="*{out}", T="i32", H="i32", I="i32", E="i32", TOPK="i32", grid_m="i32",
         cnt1_off="i32", y_off="i32", cnt2_off="i32", sync_off="i32", swiglu_alpha="fp32",
         swiglu_limit="fp32"),
+    ("probes", "stream_read"): dict(x_ptr="*fp32", out_ptr="*fp32", n="i32"),
+    ("probes", "matmul_bf16"): dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", M="i32", N="i32",
+                                    K="i32"),
+    ("moe_gather", "moe_gather"): dict(
+        x_ptr="*{x}", sid_ptr="*i32", nv_ptr="*i32", out_ptr="*bf16", T="i32", H="i32", P="i32"),
+    ("moe_wgmma", "moe_wgmma_gemm1"): dict(
+        x_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
+        nv_ptr="*i32", out_ptr="*bf16", P="i32", H="i32", I="i32", E="i32", swiglu_alpha="fp32",
+        swiglu_limit="fp32"),
+    ("moe_wgmma", "moe_wgmma_gemm2"): dict(
+        inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
+        sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32", P="i32", T="i32", H="i32",
+        I="i32", E="i32", TOPK="i32"),
 }
 
 # Integer arguments that are multiples of 16 by the input contract (H and I
@@ -212,6 +242,11 @@ _MULTIPLES_OF_16 = {
     ("moe_gemm", "moe_gemm1"): ("H", "I"),
     ("moe_gemm", "moe_gemm2"): ("H", "I"),
     ("moe_decode", "moe_decode"): ("H", "I", "cnt1_off", "y_off", "cnt2_off", "sync_off"),
+    ("moe_gather", "moe_gather"): ("H",),
+    ("probes", "stream_read"): ("n",),
+    ("probes", "matmul_bf16"): ("M", "N", "K"),
+    ("moe_wgmma", "moe_wgmma_gemm1"): ("H", "I"),
+    ("moe_wgmma", "moe_wgmma_gemm2"): ("H", "I"),
 }
 
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -249,8 +284,13 @@ def get_kernel(module: str, name: str, constexprs: tuple, num_warps: int, num_st
                               num_stages=num_stages, divisible_by_16=aligned, options=options)
 
     code_hash, meta = _cached(key, build)
+    _GLOBAL_SCRATCH[code_hash] = int(meta.get("global_scratch", 0))
     return ffi.Kernel(code_hash, meta["name"], block=(32 * meta["num_warps"], 1, 1),
                       shared_mem=meta["shared"], params=tuple(meta["params"]))
+
+
+# Global scratch bytes per program of each compiled kernel (by code hash).
+_GLOBAL_SCRATCH: dict[str, int] = {}
 
 
 def _cached(key: dict, build):
@@ -271,9 +311,20 @@ def _cached(key: dict, build):
 
 
 def launch(kern, grid, args, out_types, **kwargs):
-    """ffi.launch with Triton's hidden trailing scratch pointers passed as NULL."""
-    args = list(args) + [None] * (len(kern.params) - len(args))
-    return ffi.launch(kern, grid, args, out_types, **kwargs)
+    """ffi.launch with Triton's hidden trailing scratch pointers passed as NULL,
+    but for a kernel that needs global scratch (a Gluon kernel's TMA
+    descriptors): a launcher workspace of that many bytes per program. Such a
+    kernel writes its descriptors before it reads them, so it needs the
+    memory's contents neither zero nor kept: the workspace only spares an
+    allocation per launch (and is the launch site's alone)."""
+    hidden = [None] * (len(kern.params) - len(args))
+    per_program = _GLOBAL_SCRATCH.get(kern.code_hash, 0)
+    if per_program:
+        programs = 1
+        for g in grid:
+            programs *= g
+        hidden[0] = ffi.Workspace(per_program * programs)
+    return ffi.launch(kern, grid, list(args) + hidden, out_types, **kwargs)
 
 
 def kernel(module: str, name: str, *, num_warps: int, num_stages: int = 1, x_dtype="bf16",

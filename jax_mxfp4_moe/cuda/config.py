@@ -33,6 +33,10 @@ def sort_chunk(n: int) -> int:
 # was ~2,800 SASS instructions per program, a fair share of a decode loop.
 DIRECT_MAX = 32
 
+# The Gluon prefill kernels where the table below names them (False: the
+# dot_scaled kernels everywhere, for side-by-side measurements).
+PREFILL_KERNELS = True
+
 # moe_gemm's FOLD (the 2**126 of the raw E2M1 bits carried by the scale,
 # 2**(byte - 1) as a bf16) needs every scale byte <= this.
 FOLD_MAX_SCALE_BYTE = 128
@@ -51,6 +55,24 @@ class GemmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """The Gluon prefill GEMMs (cuda/kernels/moe_wgmma.py): persistent CTAs
+    of block_m // 16 consumer warps (one warpgroup per 64 token rows, async
+    wgmma over block_m x block_n tiles) and a 4-warp fp4 producer."""
+    block_n: int = 256         # gemm1: 2x intermediate columns (W1 rows); gemm2: H columns
+    stages: int = 3            # operand ring (A and upcast B slots) depth
+    w_stages: int = 5          # fp4 staging ring depth: the consumers issue the weights'
+                               # TMA once a step is ready, and the producer runs up to
+                               # stages - 1 steps ahead of them: w_stages - stages + 1
+                               # steps of lead for the copy
+    group_m: int = 8           # row blocks sharing each weight tile while it is in L2
+    producer_regs: int = 96    # registers of the producer warps (setmaxnreg)
+    maxnreg: int = 168         # the kernel's cap: 65536 / 384 threads; ptxas allocates
+                               # every partition within it (the consumers' 128 f32
+                               # accumulators at block_n 256 need ~160)
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     block_m: int
     gemm1: GemmConfig
@@ -59,6 +81,9 @@ class MoEConfig:
     # and moe_decode (both gemms in one kernel) is capped at the registers
     # that let that many warps fit (decode_maxnreg).
     warps_per_sm: int = 12
+    # The Gluon wgmma kernels, where the regime uses them and the weights are
+    # in the sm90 layout (else gemm1 / gemm2 above).
+    prefill: PrefillConfig | None = None
 
     @property
     def decode_maxnreg(self) -> int:
@@ -111,8 +136,15 @@ def gemm1_slice_steps(steps: int, split: int, programs: int, slots: int) -> int:
 # capped at 112 registers (no spills in its K loops), of which an H100 runs
 # 8 programs per SM (bench/trace_decode.py), with split-K sized for 9; that
 # sizing measured best (gpt-oss-120b and deepseek-v3 at T=1, bench/NOTES.md).
+# Past 64 rows per expert the Gluon kernels run (PrefillConfig; sm90 weights):
+# 128 x 256 tiles, a 3-deep operand ring, 5-deep fp4 staging. On one H200
+# (bench/NOTES.md, Session 9; bench layer times, one machine) gpt-oss-120b
+# a16w4 T=4096 / 16384 took 2420 / 7239 us against the dot_scaled regime's
+# 3933 / 11190 us. At 32 rows per expert (T=1024) a 128-row block is mostly
+# padding (1534 us for gpt-oss-120b, standalone), so the 64-row mma.sync
+# regime keeps T <= 64 rows per expert.
 _REGIMES = (
-    # (max rows per expert, BM, gemm1, gemm2, warps per SM)
+    # (max rows per expert, BM, gemm1, gemm2, warps per SM[, prefill])
     (2, 8, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3), 18),
     (16, 16, GemmConfig(32, 128, 2, 2, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 2, 3),
      12),
@@ -121,7 +153,7 @@ _REGIMES = (
     (64, 64, GemmConfig(32, 128, 2, 4, 3, fuse_x_quant=False), GemmConfig(64, 128, 2, 4, 3),
      12),
     (math.inf, 128, GemmConfig(64, 64, 0, 4, 3, fuse_x_quant=False),
-     GemmConfig(128, 64, 0, 4, 3), 12),
+     GemmConfig(128, 64, 0, 4, 3), 12, PrefillConfig()),
 )
 
 
@@ -140,7 +172,7 @@ def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool
     from jax_mxfp4_moe.numerics import sorting
 
     rows_per_expert = T * k / max(E, 1)
-    for max_rows, bm, g1, g2, warps in _REGIMES:
+    for max_rows, bm, g1, g2, warps, *prefill in _REGIMES:
         if rows_per_expert <= max_rows and (direct or bm in sorting.BLOCK_SIZES):
             break
     # Split-K adds partial sums atomically (in no fixed order): not when the
@@ -151,4 +183,13 @@ def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool
             g1, split_k=_split_k(blocks * -(-I // g1.block_n), g1, H, warps))
         g2 = dataclasses.replace(
             g2, split_k=_split_k(blocks * -(-H // g2.block_n), g2, I, warps))
-    return MoEConfig(bm, g1, g2, warps)
+    return MoEConfig(bm, g1, g2, warps, prefill[0] if prefill and PREFILL_KERNELS else None)
+
+
+def prefill_supported(cfg: PrefillConfig, *, I: int, gate_up: str, layout: str) -> bool:
+    """Whether the Gluon kernels read these weights: the sm90 layout (TMA
+    boxes of its 64-row tiles), and for separated gate/up rows an up half
+    that starts on a tile (I a multiple of 64)."""
+    from jax_mxfp4_moe.cuda.layout import NAME, TILE_N
+    return layout == NAME and (gate_up == "interleaved" or I % TILE_N == 0) \
+        and cfg.block_n % (2 * TILE_N) == 0

@@ -248,10 +248,14 @@ class Out:
 @dataclasses.dataclass(frozen=True)
 class Workspace:
     """A "ptr" argument that is the launch's workspace: ``nbytes`` of device
-    memory (256-byte aligned) that the launcher allocates and zeroes once,
-    and that the kernel must leave all zero when it completes. It stands in
-    for a result zeroed before every launch (``zero_outputs``) without the
-    memset on the stream. Each traced launch gets its own workspace per
+    memory (256-byte aligned) that the launcher allocates and zeroes once per
+    (device, launch site) and keeps. A launch finds it as the previous launch
+    at the same site left it (all zero the first time), so a kernel that
+    needs zeros leaves it all zero when it completes: it then stands in for a
+    result zeroed before every launch (``zero_outputs``) without the memset
+    on the stream (moe_decode's counters). A kernel that writes every byte
+    before it reads it may leave anything (a Gluon kernel's TMA descriptors
+    in its global scratch). Each traced launch gets its own workspace per
     device (ffi/launcher.h); at most one per launch."""
 
     nbytes: int

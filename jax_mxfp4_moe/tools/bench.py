@@ -84,24 +84,97 @@ def _time_pipelined(fn, *args, reps: int, warmup: int = 2) -> list[float]:
     return out
 
 
-def measure_bandwidth(nbytes: int) -> float:
-    """HBM read bandwidth (bytes/s): a reduction over a large array."""
+def _on_cuda_gpu() -> bool:
+    """A Hopper GPU and the launcher: the CUDA backend's own probes can run."""
+    try:
+        from jax_mxfp4_moe.cuda import backend
+    except ImportError:
+        return False
+    return backend.available()
+
+
+def bandwidth_probes(nbytes: int, reps: int = 10) -> dict:
+    """HBM rate (bytes/s) by each probe over ``nbytes`` of f32: a reduction
+    (XLA; reads), a copy (XLA; reads + writes) and, on a Hopper GPU with the
+    launcher, a Triton streaming read (cuda/probes.py). One probe alone can
+    read low (the issue that started this: 3.33 TB/s where another read 3.96
+    on the same H200), so the roofline takes the best."""
     n = nbytes // 4
     a = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    f = jax.jit(lambda v: jnp.sum(v))
-    t = statistics.median(_time(f, a, reps=10))
+    out = {}
+    t = statistics.median(_time(jax.jit(lambda v: jnp.sum(v)), a, reps=reps))
+    out["jnp.sum"] = n * 4 / t
+    t = statistics.median(_time(jax.jit(lambda v: v * 2.0 + 1.0), a, reps=reps))
+    out["copy (read + write)"] = 2 * n * 4 / t
+    if _on_cuda_gpu():
+        try:
+            from jax_mxfp4_moe.cuda import probes
+            t = statistics.median(_time(probes.stream_read(n), a, reps=reps))
+            out["triton stream read"] = n * 4 / t
+        except Exception as e:  # noqa: BLE001 - a probe that cannot run is skipped, said so
+            print(f"# triton stream read probe skipped: {type(e).__name__}: {str(e)[:160]}")
     del a
-    return n * 4 / t
+    return out
 
 
-def measure_bf16_peak(size: int) -> float:
-    """Dense bf16 matmul rate (FLOP/s) on random data."""
+def matmul_probes(size: int, reps: int = 10) -> dict:
+    """Dense bf16 matmul rate (FLOP/s) on random data by each probe:
+    ``jnp.dot`` (XLA: cuBLAS on NVIDIA) and, on a Hopper GPU with the
+    launcher, a tuned Triton matmul (cuda/probes.py)."""
     k1, k2 = jax.random.split(jax.random.key(1))
     a = jax.random.normal(k1, (size, size), jnp.bfloat16)
     b = jax.random.normal(k2, (size, size), jnp.bfloat16)
+    out = {}
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    t = statistics.median(_time(f, a, b, reps=10))
-    return 2 * size ** 3 / t
+    out["jnp.dot"] = 2 * size ** 3 / statistics.median(_time(f, a, b, reps=reps))
+    if _on_cuda_gpu() and size % 256 == 0:
+        try:
+            from jax_mxfp4_moe.cuda import probes
+            t = statistics.median(_time(probes.matmul_bf16(size), a, b, reps=reps))
+            out["triton matmul"] = 2 * size ** 3 / t
+        except Exception as e:  # noqa: BLE001
+            print(f"# triton matmul probe skipped: {type(e).__name__}: {str(e)[:160]}")
+    return out
+
+
+def measure_bandwidth(nbytes: int) -> float:
+    """HBM bandwidth (bytes/s): the best of bandwidth_probes."""
+    return max(bandwidth_probes(nbytes).values())
+
+
+def measure_bf16_peak(size: int) -> float:
+    """Dense bf16 matmul rate (FLOP/s): the best of matmul_probes."""
+    return max(matmul_probes(size).values())
+
+
+def profile_layer(fn, *args) -> list:
+    """Per-kernel device time of one call of fn(*args) from JAX's profiler:
+    [(kernel name, total seconds, launches)], longest first. Reads the
+    perfetto trace's complete events on device processes (CUPTI activity)."""
+    import glob
+    import gzip
+    import tempfile
+
+    jax.block_until_ready(fn(*args))  # compiled and warm
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn(*args))
+        paths = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+        if not paths:
+            return []
+        with gzip.open(paths[0], "rt") as f:
+            events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    device_pids = {e.get("pid") for e in events
+                   if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and "/device:" in str(e.get("args", {}).get("name", ""))
+                   and "CPU" not in str(e.get("args", {}).get("name", ""))}
+    totals = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
+            t, c = totals.get(e["name"], (0.0, 0))
+            totals[e["name"]] = (t + e["dur"] * 1e-6, c + 1)
+    return sorted(((n, t, c) for n, (t, c) in totals.items()), key=lambda r: -r[1])
 
 
 # ---------------------------------------------------------------------------
@@ -259,22 +332,26 @@ def _is_oom(e: Exception) -> bool:
 
 def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, warmup: int = 3,
         baselines=BASELINES, backend: str = "auto", layout: str = "auto", ceilings=None,
-        log=print) -> dict:
+        profile: bool = False, log=print) -> dict:
     """Times ours and the baselines at each T. layout: the weight layout ours
     reads; "auto" is the one its backend's kernels load best (LAYOUT_NAME)."""
     p = PRESETS[preset]
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
     if ceilings is None:
-        bw = measure_bandwidth(4 << 30 if gpu else 64 << 20)
-        peak = measure_bf16_peak(8192 if gpu else 512)
+        bws = bandwidth_probes(4 << 30 if gpu else 64 << 20)
+        peaks = matmul_probes(8192 if gpu else 512)
+        log("# HBM probes: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bws.items())
+            + "; bf16 probes: " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()))
+        bw, peak = max(bws.values()), max(peaks.values())
     else:
-        bw, peak = ceilings
+        (bw, peak), bws, peaks = ceilings, {}, {}
     header = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                   preset=preset, quant=quant, reps=reps, routings=routings,
-                  hbm_bytes_per_s=bw, bf16_flops_per_s=peak)
+                  hbm_bytes_per_s=bw, bf16_flops_per_s=peak, hbm_probes=bws, bf16_probes=peaks)
     log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
-        f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
+        f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (best probes, measured; "
+        "every % below is against these)")
     from jax_mxfp4_moe.layer import primitive
     impl = primitive.choose_path(primitive.device_platform(dev), p.replace(quant=quant), backend)
     if layout == "auto":
@@ -314,6 +391,13 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
                 if name == "ours" and status != "OOM":
                     raise
                 row["results"][name] = dict(status=status)
+        if profile and "ours" in layers and not isinstance(layers["ours"][1], Exception):
+            fn, params = layers["ours"]
+            kernels = profile_layer(fn, params, x, tw_d, ids_d)
+            row["profile"] = [dict(name=n, time_s=t / R, launches=c / R) for n, t, c in kernels]
+            log(f"#   T={T} per-kernel device time of one layer call (profiler, mean of {R} "
+                "routings): " + (", ".join(f"{n} {t / R * 1e6:.1f} us" for n, t, _ in kernels)
+                                 or "no device events in the trace"))
         ours = row["results"].get("ours", {}).get("time_s")
         for name, r in row["results"].items():
             if name != "ours" and r.get("status") == "ok" and ours:
@@ -436,6 +520,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, cuda, rocm)")
     ap.add_argument("--layout", default="auto",
                     help="weight layout ours reads (auto: its backend's; canonical, sm90, gfx950)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each kernel's device time in one layer call (JAX profiler)")
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--plot", help="draw time and %% of roofline against T into this PNG")
     ap.add_argument("--mesh", help="EPxTP, e.g. 8x1 or 4x2: parallel.moe per strategy with the "
@@ -466,7 +552,8 @@ def main(argv=None) -> int:
     for name in presets:
         for quant in a.quant.split(","):
             res = run(name, tokens, quant, reps=a.reps, routings=a.routings, warmup=a.warmup,
-                      baselines=baselines, backend=a.backend, layout=a.layout, ceilings=ceilings)
+                      baselines=baselines, backend=a.backend, layout=a.layout, ceilings=ceilings,
+                      profile=a.profile)
             h = res["header"]
             ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
             results.append(res)

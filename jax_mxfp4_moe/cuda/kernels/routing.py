@@ -17,10 +17,13 @@ TOKEN_MASK: tl.constexpr = tl.constexpr(spec.TOKEN_MASK)
 
 
 @triton.jit
-def block_rows(sid_ptr, sexp_ptr, T, m, BM: tl.constexpr):
-    """Block m of a sort contract built by the sort kernels."""
+def block_rows(sid_ptr, sexp_ptr, T, m, used, BM: tl.constexpr):
+    """Block m of a sort contract built by the sort kernels. Only rows below
+    used = num_valid[0] are read: the last block of the grid may reach past
+    sorted_token_ids (P is rarely a multiple of BM), and blocks past used hold
+    nothing (their rows read as padding, token T)."""
     rows = m * BM + tl.arange(0, BM)
-    packed = tl.load(sid_ptr + rows)
+    packed = tl.load(sid_ptr + rows, mask=rows < used, other=T)
     tok = packed & TOKEN_MASK
     slot = packed >> TOKEN_BITS
     expert = tl.load(sexp_ptr + m)
@@ -86,10 +89,11 @@ def route(sid_ptr, sw_ptr, sexp_ptr, nv_ptr, T, TOPK, E, m, BM: tl.constexpr,
                                                                   BM, NMAX)
         active = m < live
     else:
-        rows, tok, slot, row_ok, expert = block_rows(sid_ptr, sexp_ptr, T, m, BM)
-        active = m * BM < tl.load(nv_ptr)
+        used = tl.load(nv_ptr)
+        rows, tok, slot, row_ok, expert = block_rows(sid_ptr, sexp_ptr, T, m, used, BM)
+        active = m * BM < used
         if WEIGHTS:
-            wgt = tl.load(sw_ptr + rows)
+            wgt = tl.load(sw_ptr + rows, mask=rows < used, other=0.0)
         else:
             wgt = tl.zeros((BM,), tl.float32)
     return rows, tok, slot, row_ok, expert, wgt, active
