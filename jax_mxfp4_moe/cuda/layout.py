@@ -76,6 +76,8 @@ class Sm90Layout:
     def unpack(self, arrays, *, num_experts, hidden, intermediate):
         out = {k: v for k, v in arrays.items() if v is not None}
         for name, n, k in _matrices(hidden, intermediate):
+            if name not in out:  # one matrix alone unpacks too
+                continue
             out[name] = _untile(out[name], n, k // 2)
             out[name + "_scale"] = _untile(out[name + "_scale"], n, k // formats.MX_BLOCK)
         return out

@@ -6,7 +6,8 @@ a layout its kernels load best (a swizzle of fp4 values and scales, padding
 to its K granularity).  Each layout owns both directions; ``unpack`` must be
 the exact inverse of ``pack`` and both must be jnp-traceable.
 
-Dict keys: ``w1, w1_scale, w2, w2_scale`` (+ ``b1``, ``b2`` when present).
+Dict keys: ``w1, w1_scale, w2, w2_scale`` (+ ``b1``, ``b2`` when present);
+``unpack`` also takes one matrix alone (``w1, w1_scale`` or ``w2, w2_scale``).
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ and ``backend``.  It returns y [T, H] in x's dtype.
 - Batching: batch axes of x / topk_weights / topk_ids fold into T (each
   (batch, token) pair is one more token); batched weights (a stack of layers)
   run one layer call per batch entry (``lax.map``).
-- Differentiation: not implemented yet; jvp / grad / vjp / linearize raise
-  one error naming the layer (never a silent zero: the quantised modes'
-  rounding has a zero derivative).
+- Differentiation: a JVP rule built from linear primitives (the grouped
+  matmul through the frozen MXFP4 experts, with its transpose rule) and jnp,
+  so jvp, grad, vjp and linearize work, in x, topk_weights, b1 and b2
+  (layer/autodiff.py; quantised modes straight-through).
 """
 
 from __future__ import annotations
@@ -214,17 +215,14 @@ batching.primitive_batchers[moe_p] = _batch
 
 
 # ---------------------------------------------------------------------------
-# Differentiation
+# Differentiation: JVP rules on linear primitives (layer/autodiff.py)
 # ---------------------------------------------------------------------------
-
-NOT_DIFFERENTIABLE = (
-    "jax_mxfp4_moe.moe has no derivative yet: jax.grad, jax.jvp, jax.vjp and jax.linearize "
-    "of the MoE layer are not implemented (it runs forward only). Stop gradients before the "
-    "layer's inputs (jax.lax.stop_gradient) or run it outside the differentiated function.")
 
 
 def _jvp(primals, tangents, **params):
-    raise NotImplementedError(NOT_DIFFERENTIABLE)
+    from jax_mxfp4_moe.layer import autodiff
+
+    return autodiff.moe_jvp(primals, tangents, unpack=lambda args: _unpack(args, params), **params)
 
 
 ad.primitive_jvps[moe_p] = _jvp

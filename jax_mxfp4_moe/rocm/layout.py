@@ -65,14 +65,11 @@ def _pack(canon, *, num_experts, hidden, intermediate):
 @functools.partial(jax.jit, static_argnames=("num_experts", "hidden", "intermediate"))
 def _unpack(arrays, *, num_experts, hidden, intermediate):
     H, I = hidden, intermediate
-    w1, w1s = unshuffle(jnp.asarray(arrays["w1"]), jnp.asarray(arrays["w1_scale"]))
-    w2, w2s = unshuffle(jnp.asarray(arrays["w2"]), jnp.asarray(arrays["w2_scale"]))
-    out = {
-        "w1": w1[:, : 2 * I, : H // 2],
-        "w1_scale": w1s[:, : 2 * I, : H // ix.MX_BLOCK],
-        "w2": w2[:, :H, : I // 2],
-        "w2_scale": w2s[:, :H, : I // ix.MX_BLOCK],
-    }
+    out = {}
+    for name, n, k in (("w1", 2 * I, H), ("w2", H, I)):  # one matrix alone unpacks too
+        if name in arrays:
+            w, s = unshuffle(jnp.asarray(arrays[name]), jnp.asarray(arrays[name + "_scale"]))
+            out[name], out[name + "_scale"] = w[:, :n, : k // 2], s[:, :n, : k // ix.MX_BLOCK]
     if "b1" in arrays:
         out["b1"] = jnp.asarray(arrays["b1"])[:, : 2 * I]
     if "b2" in arrays:

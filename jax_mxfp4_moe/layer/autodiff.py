@@ -1,0 +1,285 @@
+"""Derivatives of the ``moe`` primitive, by JVP and transpose rules (no custom_vjp).
+
+The MXFP4 experts are frozen: the weight arrays are integer data (their
+tangents are float0) and gradients flow to x, topk_weights, b1, b2 and,
+through x, to everything upstream.  The layer is linear in each of those
+pieces once the others are fixed, so its JVP is written with one linear
+primitive and jnp:
+
+- ``gmm_p``, the grouped matmul through MXFP4 weights: rows in blocks of
+  ``block_m`` (the sort contract's layout), block b through expert
+  ``block_expert[b]`` (-1: zeros).  It is linear in its rows; its transpose is
+  the grouped matmul through the transposed weights (``transpose``), whose
+  contraction runs over the weight's rows (N), with the E8M0 blocks along the
+  output axis.
+- the activation's derivative: ``jax.jvp`` of the spec's jnp definition;
+- the routing-weighted combine y = sum_j topk_weights[:, j] * o[:, j]: jnp
+  (linear in o and in topk_weights).
+
+Under differentiation the primal runs as those pieces too, so the forward
+keeps what the backward needs (pre-activations h and per-slot outputs o:
+(2I + H) * k * 4 bytes per token) instead of recomputing it; its values
+agree with the fused forward within its tolerance (same operands and
+rounding, f32 sums in another order).  The quantised modes differentiate
+with a straight-through estimator: the tangent of quantise-dequantise is the
+identity (the QAT convention); the backward's grouped matmuls take bf16
+operands with f32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jax_mxfp4_moe.numerics import formats, sorting
+
+gmm_p = Primitive("mxfp4_grouped_matmul")
+KERNEL_PLATFORMS = ("cuda",)  # platforms with grouped-matmul kernels (else jnp)
+
+
+def grad_block_m(tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows per block of the differentiated layer's grouped matmuls: about the
+    rows an expert gets, 16..128 (the kernels' tile heights)."""
+    rows = max(1, tokens * top_k // max(num_experts, 1))
+    return min(128, max(16, 1 << (rows - 1).bit_length()))
+
+
+# ---------------------------------------------------------------------------
+# gmm_p: out[r] = lhs[r] @ W[e(r)]^T  (transpose: lhs[r] @ W[e(r)])
+# ---------------------------------------------------------------------------
+
+
+def gmm(lhs, block_expert, w, w_scale, *, which: str, dims: dict, layout: str, block_m: int,
+        transpose: bool = False, scale_max=None):
+    """The grouped matmul through one weight matrix (``which`` "w1" [2I, H] or
+    "w2" [H, I] of an expert, in ``layout``): f32 rows [P, N] (transpose:
+    [P, K]) for rows lhs [P, K] ([P, N]), P = len(block_expert) * block_m."""
+    return gmm_p.bind(lhs, block_expert, w, w_scale, which=which, layer_dims=tuple(sorted(dims.items())),
+                      layout=layout, block_m=int(block_m), transpose=bool(transpose),
+                      scale_max=scale_max)
+
+
+def matrix_shape(which: str, layer_dims) -> tuple[int, int]:
+    """(N rows, K columns) of one expert's matrix."""
+    d = dict(layer_dims)
+    H, I = d["hidden"], d["intermediate"]
+    return (2 * I, H) if which == "w1" else (H, I)
+
+
+def _gmm_abstract(lhs, block_expert, w, w_scale, *, which, layer_dims, layout, block_m, transpose,
+                  scale_max):
+    n, k = matrix_shape(which, layer_dims)
+    want = n if transpose else k
+    if lhs.ndim != 2 or lhs.shape[1] != want or lhs.shape[0] != block_expert.shape[0] * block_m:
+        raise ValueError(f"lhs: expected [{block_expert.shape[0]} * {block_m}, {want}], got {lhs.shape}")
+    return jax.core.ShapedArray((lhs.shape[0], k if transpose else n), jnp.float32)
+
+
+def _canonical_matrix(w, w_scale, *, which, layer_dims, layout):
+    from jax_mxfp4_moe.layer import layouts
+
+    arrays = layouts.get(layout).unpack({which: w, which + "_scale": w_scale}, **dict(layer_dims))
+    return arrays[which], arrays[which + "_scale"]
+
+
+def gmm_jnp(lhs, block_expert, w, w_scale, *, which, layer_dims, layout, block_m, transpose,
+            scale_max):
+    """gmm_p in jnp: each block's expert matrix gathered and dequantised in one
+    fused gather (bf16, exact), one batched matmul with f32 accumulation."""
+    del scale_max
+    wc, sc = _canonical_matrix(w, w_scale, which=which, layer_dims=layer_dims, layout=layout)
+    nb = block_expert.shape[0]
+    e = jnp.maximum(block_expert, 0)
+    wb = formats.dequantize_mxfp4(wc, sc, jnp.bfloat16)[e]  # [nb, N, K]
+    a = lhs.reshape(nb, block_m, -1).astype(jnp.bfloat16)
+    out = jnp.einsum("bmn,bnk->bmk" if transpose else "bmk,bnk->bmn", a, wb,
+                     preferred_element_type=jnp.float32)
+    out = jnp.where((block_expert >= 0)[:, None, None], out, 0.0)
+    return out.reshape(nb * block_m, -1)
+
+
+_warned: set = set()
+
+
+def _gmm_lowering(platform):
+    def lower(ctx, *args, **params):
+        where = platform or ctx.module_context.platforms[0]
+        impl = gmm_jnp
+        if where == "cuda":
+            from jax_mxfp4_moe.cuda import backend as cuda
+
+            if cuda.unsupported_gmm(params) is None:
+                impl = cuda.gmm
+        elif where == "rocm" and "rocm" not in _warned:
+            _warned.add("rocm")
+            warnings.warn("jax_mxfp4_moe: gfx950 has no backward kernels yet; the gradient's "
+                          "grouped matmuls run as XLA (jnp) on rocm", stacklevel=2)
+        return mlir.lower_fun(functools.partial(impl, **params), multiple_results=False)(ctx, *args)
+    return lower
+
+
+gmm_p.def_abstract_eval(_gmm_abstract)
+gmm_p.def_impl(lambda *args, **params: jax.jit(functools.partial(gmm_p.bind, **params))(*args))
+mlir.register_lowering(gmm_p, _gmm_lowering(None))
+mlir.register_lowering(gmm_p, _gmm_lowering("cuda"), platform="cuda")
+
+
+def _gmm_jvp(primals, tangents, **params):
+    dlhs = tangents[0]
+    y = gmm_p.bind(*primals, **params)
+    if type(dlhs) is ad.Zero:
+        return y, ad.Zero.from_primal_value(y)
+    return y, gmm_p.bind(dlhs, *primals[1:], **params)
+
+
+def _gmm_transpose(ct, lhs, block_expert, w, w_scale, **params):
+    assert ad.is_undefined_primal(lhs) and not ad.is_undefined_primal(w)
+    if type(ct) is ad.Zero:
+        return [ad.Zero(lhs.aval), None, None, None]
+    back = gmm_p.bind(ct, block_expert, w, w_scale, **dict(params, transpose=not params["transpose"]))
+    return [back.astype(lhs.aval.dtype), None, None, None]
+
+
+def _gmm_batch(args, dims, **params):
+    lhs, be, w, ws = args
+    ld, bd, wd, sd = dims
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if wd is None and sd is None:
+        # Fold the batch into the blocks: [B, P, K] rows with [B, NB] experts.
+        lhs = jnp.moveaxis(lhs, ld, 0) if ld is not None else jnp.broadcast_to(lhs, (size, *lhs.shape))
+        be = jnp.moveaxis(be, bd, 0) if bd is not None else jnp.broadcast_to(be, (size, *be.shape))
+        out = gmm_p.bind(lhs.reshape(-1, lhs.shape[-1]), be.reshape(-1), w, ws, **params)
+        return out.reshape(size, -1, out.shape[-1]), 0
+    front = [jnp.moveaxis(a, d, 0) if d is not None else a for a, d in zip(args, dims)]
+    mapped = [d is not None for d in dims]
+
+    def one(batched):
+        it = iter(batched)
+        return gmm_p.bind(*[next(it) if m else a for a, m in zip(front, mapped)], **params)
+
+    return jax.lax.map(one, [a for a, m in zip(front, mapped) if m]), 0
+
+
+ad.primitive_jvps[gmm_p] = _gmm_jvp
+ad.primitive_transposes[gmm_p] = _gmm_transpose
+batching.primitive_batchers[gmm_p] = _gmm_batch
+
+
+# ---------------------------------------------------------------------------
+# The layer's JVP
+# ---------------------------------------------------------------------------
+
+
+def _zero_or(t):
+    return None if type(t) is ad.Zero else t
+
+
+def _ste(v, quant):
+    """The mode's quantise-dequantise of v (float32): the value; its tangent is
+    the identity (straight-through), written as such in moe_jvp."""
+    from jax_mxfp4_moe.numerics import jnp_layer
+
+    return jnp_layer.quantize_dequantize(v, quant)
+
+
+def _fit(a, n, fill):
+    """a's first n entries, padded with ``fill`` where it is shorter."""
+    return a[:n] if a.shape[0] >= n else jnp.pad(a, (0, n - a.shape[0]), constant_values=fill)
+
+
+def _bias(b, rows_expert):
+    return jnp.where((rows_expert >= 0)[:, None], b[jnp.maximum(rows_expert, 0)], 0.0)
+
+
+def moe_jvp(primals, tangents, *, unpack, spec, has_mask, **params):
+    """(y, dy) of the layer: the primal and its tangent in x, topk_weights, b1
+    and b2, through gmm_p and jnp (module docstring)."""
+    x, tw, ids, weights, mask = unpack(primals)
+    names = ("x", "topk_weights", "topk_ids", "w1", "w1_scale", "w2", "w2_scale")
+    names += (("b1",) if spec.has_b1 else ()) + (("b2",) if spec.has_b2 else ())
+    tan = dict(zip(names, tangents))
+    T, k = ids.shape
+    if T == 0:
+        y = jnp.zeros(x.shape, x.dtype)
+        return y, ad.Zero.from_primal_value(y)
+    E = spec.num_experts
+    n_sort = E if mask is None else mask.shape[0]
+    bm = grad_block_m(T, k, E)
+    s = sorting.moe_sort(ids, tw, num_experts=n_sort, block_m=bm, expert_mask=mask)
+    nb = sorting.max_blocks(T * k, E, bm)  # every block past it is unused
+    P = nb * bm
+    block_expert = _fit(s.sorted_expert_ids, nb, -1)
+    block_expert = jnp.where(block_expert < E, block_expert, -1)
+    token, slot = sorting.unpack_entry(_fit(s.sorted_token_ids, P, sorting.padding_entry(T, k)))
+    rows_expert = jnp.repeat(block_expert, bm)
+    valid = (token < T) & (rows_expert >= 0)
+    tok = jnp.where(valid, token, T)  # T: the padding row of take/scatter below
+    dims = dict(num_experts=E, hidden=spec.hidden, intermediate=spec.intermediate)
+    mm = functools.partial(gmm, dims=dims, layout=weights.layout, block_m=bm,
+                           scale_max=weights.scale_max)
+    w = weights
+
+    def rows(v):  # [T, ...] -> sorted rows [P, ...] (padding rows 0)
+        return jnp.take(v, tok, axis=0, mode="fill", fill_value=0)
+
+    def layer_up(a, b1):
+        h = mm(a, block_expert, w.w1, w.w1_scale, which="w1")
+        return h if b1 is None else h + _bias(b1, rows_expert)
+
+    def layer_down(a, b2):
+        o = mm(a, block_expert, w.w2, w.w2_scale, which="w2")
+        return o if b2 is None else o + _bias(b2, rows_expert)
+
+    def act(h):
+        from jax_mxfp4_moe.numerics import jnp_layer
+        return jnp_layer.activation_fn(h, spec.activation, spec.gate_up)
+
+    def combine(weight_rows, o):  # sum over slots, in slot order
+        # rows not routed anywhere add into the extra row T * k, dropped
+        per_slot = jnp.zeros((T * k + 1, o.shape[-1]), jnp.float32).at[
+            jnp.where(valid, token * k + slot, T * k)].add(o * weight_rows[:, None])
+        per_slot = per_slot[:-1].reshape(T, k, -1)
+        y = per_slot[:, 0]
+        for j in range(1, k):
+            y = y + per_slot[:, j]
+        return y
+
+    def slot_weights(t):
+        flat = jnp.concatenate([t.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
+        return flat[jnp.where(valid, token * k + slot, T * k)]
+
+    # primal
+    h = layer_up(rows(_ste(x, spec.mode)), w.b1)
+    a, act_lin = jax.linearize(act, h)
+    o = layer_down(_ste(a, spec.mode), w.b2)
+    y = combine(slot_weights(tw), o).astype(x.dtype)
+
+    # tangent (quantise-dequantise passes tangents through unchanged)
+    dx, dtw = _zero_or(tan["x"]), _zero_or(tan["topk_weights"])
+    db1 = _zero_or(tan["b1"]) if spec.has_b1 else None
+    db2 = _zero_or(tan["b2"]) if spec.has_b2 else None
+    dy = None
+    if dx is not None or db1 is not None:
+        dh = 0.0
+        if dx is not None:
+            dh = mm(rows(dx.astype(jnp.float32)), block_expert, w.w1, w.w1_scale, which="w1")
+        if db1 is not None:
+            dh = dh + _bias(db1, rows_expert)
+        do = mm(act_lin(dh), block_expert, w.w2, w.w2_scale, which="w2")
+        dy = do if db2 is None else do + _bias(db2, rows_expert)
+    elif db2 is not None:
+        dy = jnp.broadcast_to(_bias(db2, rows_expert), o.shape)
+    out = None
+    if dy is not None:
+        out = combine(slot_weights(tw), dy)
+    if dtw is not None:
+        d = combine(slot_weights(dtw), o)
+        out = d if out is None else out + d
+    if out is None:
+        return y, ad.Zero.from_primal_value(y)
+    return y, out.astype(y.dtype)
