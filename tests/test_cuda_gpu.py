@@ -376,6 +376,71 @@ def test_repeated_calls_under_one_jit_and_export_round_trip():
     np.testing.assert_array_equal(y, np.asarray(f(x, tw, ids).astype(jnp.float32)))
 
 
+def test_multi_platform_export_runs_its_cuda_variant():
+    """One artifact for cpu, cuda and rocm: called here, it runs the CUDA
+    kernels (the launch target is in its module) and matches the reference."""
+    import functools
+
+    import jax_mxfp4_moe as mm
+    from jax_mxfp4_moe.runtime import ffi
+
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up="interleaved", layout="sm90")
+    x, tw, ids = moe_cases.make_tokens(shape, 21, seed=4)
+    f = jax.jit(functools.partial(mm.moe, activation="swiglu_oai", quant="a8w4", deterministic=True))
+    exp = jax.export.export(f, platforms=("cpu", "cuda", "rocm"),
+                            disabled_checks=ffi.export_disabled_checks())(x, w, tw, ids)
+    restored = jax.export.deserialize(exp.serialize())
+    y = restored.call(x, w, tw, ids)
+    assert ffi.TARGET in exp.mlir_module()
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
+                                  np.asarray(f(x, w, tw, ids).astype(jnp.float32)))
+    accuracy.assert_close(y, reference.moe(x, w.canonical(), tw, ids, activation="swiglu_oai",
+                                           quant="a8w4"))
+
+
+def test_placement_on_the_cpu_of_a_gpu_host_runs_jnp():
+    """The backend follows where the computation is placed, not the default backend."""
+    import jax_mxfp4_moe as mm
+    from jax_mxfp4_moe.runtime import ffi
+
+    shape = moe_cases.GPT_OSS_LIKE
+    cpu = jax.devices("cpu")[0]
+    w = moe_cases.make_weights(shape, gate_up="interleaved")
+    x, tw, ids = moe_cases.make_tokens(shape, 9, seed=5)
+    args = jax.device_put((x, w, tw, ids), cpu)
+    f = jax.jit(lambda *a: mm.moe(*a, activation="swiglu_oai"))
+    assert ffi.TARGET not in f.lower(*args).as_text()
+    y = f(*args)
+    assert y.devices() == {cpu}
+    accuracy.assert_close(y, reference.moe(x, w, tw, ids, activation="swiglu_oai"))
+    assert ffi.TARGET in f.lower(x, w, tw, ids).as_text()  # on the GPU: the kernels
+
+
+def test_gradients_on_the_gpu_match_the_cpu_path():
+    """jax.grad of moe in x, topk_weights, b1 and b2 on the GPU against the same
+    gradients computed on the CPU (the jnp path), within the forward's bounds."""
+    import dataclasses
+
+    import jax_mxfp4_moe as mm
+
+    shape = moe_cases.GPT_OSS_LIKE
+    w = moe_cases.make_weights(shape, gate_up="interleaved", layout="sm90")
+    x, tw, ids = moe_cases.make_tokens(shape, 37, seed=6, dtype=jnp.float32)
+    ct = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), jnp.float32)
+    for quant in QUANTS:
+        def loss(x, tw, b1, b2, w, ids, ct, quant=quant):
+            y = mm.moe(x, dataclasses.replace(w, b1=b1, b2=b2), tw, ids, activation="swiglu_oai",
+                       quant=quant)
+            return jnp.sum(y * ct)
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        args = (x, tw, w.b1, w.b2, w, ids, ct)
+        on_gpu = g(*args)
+        on_cpu = g(*jax.device_put(args, jax.devices("cpu")[0]))
+        for a, b in zip(on_gpu, on_cpu):
+            accuracy.assert_close(np.asarray(a), np.asarray(b, np.float64))
+
+
 # ---------------------------------------------------------------------------
 # Real model shapes (random weights), checked on sampled tokens
 # ---------------------------------------------------------------------------

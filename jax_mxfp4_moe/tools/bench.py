@@ -266,12 +266,30 @@ def _mosaic(lhs, rhs, sizes):
                                       block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
+def _forward_backward(p: Preset, quant: str, backend: str):
+    """One layer call and its backward: the gradients of sum(y * x) (x as the
+    cotangent) in x, topk_weights and the biases, as training computes them."""
+    import dataclasses
+
+    from jax_mxfp4_moe.layer import api
+
+    def step(w, x, tw, ids):
+        def loss(x, tw, b1, b2):
+            y = api.moe(x, dataclasses.replace(w, b1=b1, b2=b2), tw, ids,
+                        activation=p.activation, quant=quant, backend=backend)
+            return jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32))
+        argnums = (0, 1) + ((2,) if w.b1 is not None else ()) + ((3,) if w.b2 is not None else ())
+        return jax.grad(loss, argnums=argnums)(x, tw, w.b1, w.b2)
+    return step
+
+
 def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str,
-                ours_weights: MoEWeights | None = None):
+                ours_weights: MoEWeights | None = None, grad: bool = False):
     """name -> (jitted fn(params, x, topk_weights[R], topk_ids[R]) running R layer
     calls, params). Weights are arguments, never closed-over constants; ours
     gets ours_weights (the same weights in its backend's layout) when given,
-    the baselines w (canonical)."""
+    the baselines w (canonical). grad: also "ours_fwd_bwd", a forward and a
+    backward per call (_forward_backward)."""
     from jax_mxfp4_moe.layer import api
 
     def over_routings(layer):  # tws, idss: tuples of R arrays (no slicing in the jit)
@@ -282,6 +300,9 @@ def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str,
     layers = {"ours": (over_routings(lambda w, x, tw, ids: api.moe(
         x, w, tw, ids, activation=p.activation, quant=quant, backend=backend)),
         w if ours_weights is None else ours_weights)}
+    if grad:
+        layers["ours_fwd_bwd"] = (over_routings(_forward_backward(p, quant, backend)),
+                                  layers["ours"][1])
     dense = None
     if "bf16_ragged_dot" in baselines or "mosaic_gpu_ragged_dot" in baselines:
         try:
@@ -332,7 +353,7 @@ def _is_oom(e: Exception) -> bool:
 
 def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, warmup: int = 3,
         baselines=BASELINES, backend: str = "auto", layout: str = "auto", ceilings=None,
-        profile: bool = False, log=print) -> dict:
+        profile: bool = False, grad: bool = False, log=print) -> dict:
     """Times ours and the baselines at each T. layout: the weight layout ours
     reads; "auto" is the one its backend's kernels load best (LAYOUT_NAME)."""
     p = PRESETS[preset]
@@ -372,7 +393,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
         fl = flops(p, T)
         roof = max(nbytes / bw, fl / peak)
         row = dict(T=T, routings=R, bytes=nbytes, flops=fl, roofline_s=roof, results={})
-        layers = make_layers(p, w, quant, baselines, backend, w_ours)
+        layers = make_layers(p, w, quant, baselines, backend, w_ours, grad=grad)
         ids_d = tuple(jnp.asarray(a) for a in ids)
         tw_d = tuple(jnp.asarray(a) for a in tw)
         for name, (fn, params) in layers.items():
@@ -520,6 +541,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, cuda, rocm)")
     ap.add_argument("--layout", default="auto",
                     help="weight layout ours reads (auto: its backend's; canonical, sm90, gfx950)")
+    ap.add_argument("--grad", action="store_true",
+                    help="also time a forward and backward per layer call (gradients in x, "
+                    "topk_weights and the biases), shown as ours_fwd_bwd (xN: its time over ours)")
     ap.add_argument("--profile", action="store_true",
                     help="also print each kernel's device time in one layer call (JAX profiler)")
     ap.add_argument("--json", help="write results to this file")
@@ -553,7 +577,7 @@ def main(argv=None) -> int:
         for quant in a.quant.split(","):
             res = run(name, tokens, quant, reps=a.reps, routings=a.routings, warmup=a.warmup,
                       baselines=baselines, backend=a.backend, layout=a.layout, ceilings=ceilings,
-                      profile=a.profile)
+                      profile=a.profile, grad=a.grad)
             h = res["header"]
             ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
             results.append(res)
