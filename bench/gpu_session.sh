@@ -89,12 +89,12 @@ for step in "$@"; do
     ncu)  # per-kernel time, DRAM throughput, tensor-pipe use, occupancy of one call
       for cfg in ${NCU_CASES:-gpt-oss-120b:1:a16w4}; do  # PRESET:T:QUANT ...
         set -- ${cfg//:/ }
-        timeout ${T_NCU:-90} ncu --launch-skip-before-match 0 -k "regex:moe_|mx_quant" --launch-count 12 \
+        timeout ${T_NCU:-90} ncu --launch-skip-before-match 0 -k "regex:moe_" --launch-count 12 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
           --section SchedulerStats \
           --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_dispatch_stall_per_issue_active.ratio,smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio,smsp__average_warps_issue_stalled_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_tex_throttle_per_issue_active.ratio \
           python3 bench/profile_decode.py $1 $2 $3 > "$OUT/ncu_$1_$2.txt" 2>&1
-        grep -E "moe_|mx_quant|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|issue_active|inst_executed|stalled|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80
+        grep -E "moe_|gpu__time_duration|dram__throughput|tensor_op_hmma|warps_active|issue_active|inst_executed|stalled|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu_$1_$2.txt" | head -80
       done
       ;;
     cache_out)  # the compiled kernels, for the next call to carry as .jmcache.tgz

@@ -67,7 +67,7 @@ def loop_ops(k, min_len=100) -> collections.Counter:
                                                      (2, 0, True, False)])
 def test_gemm1_variants_use_tensor_cores_without_spills(regime, fmt, act, interleaved, bias):
     _, bm, g1, _, _, *_ = _REGIMES[regime]
-    a_fmt = fmt if g1.fuse_x_quant else 0  # else x is quantised by mx_quant_dequant
+    a_fmt = fmt if g1.fuse_x_quant else 0  # else x is quantised by moe_quant_dequant
     split = 2 if g1.swap else 1  # the decode regimes may split K
     k = kernel("moe_gemm", "moe_gemm1", num_warps=g1.num_warps, num_stages=g1.num_stages,
                BM=bm, BN=g1.block_n, BK=g1.block_k, A_FMT=a_fmt, OUT_FMT=fmt, ACT=act,
@@ -272,9 +272,9 @@ def test_bench_probe_kernels():
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_quant_kernels_compile(fp8):
-    k = kernel("mx_quant", "mx_quant", num_warps=4, x_dtype="fp32", BLOCK_R=4, BLOCK_K=256, FP8=fp8)
+    k = kernel("quant", "moe_quant", num_warps=4, x_dtype="fp32", BLOCK_R=4, BLOCK_K=256, FP8=fp8)
     assert k.params[:5] == ("ptr16", "ptr16", "ptr16", "i32", "i32")
-    k = kernel("mx_quant", "mx_quant_dequant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=fp8)
+    k = kernel("quant", "moe_quant_dequant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=fp8)
     assert k.params[:4] == ("ptr16", "ptr16", "i32", "i32")
 
 
@@ -361,16 +361,16 @@ def test_missing_compiler_and_cache_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_compile, "_triton_version", lambda: None)
     cuda_compile.get_kernel.cache_clear()
     with pytest.raises(RuntimeError, match="triton is not installed"):
-        kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=False)
+        kernel("quant", "moe_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=False)
     cuda_compile.get_kernel.cache_clear()
 
 
 def test_ready_cache_serves_without_triton(monkeypatch, tmp_path):
     monkeypatch.setenv(codecache.ENV_VAR, str(tmp_path))
     cuda_compile.get_kernel.cache_clear()
-    a = kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
+    a = kernel("quant", "moe_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
     monkeypatch.setattr(cuda_compile, "_triton_version", lambda: None)
     cuda_compile.get_kernel.cache_clear()
-    b = kernel("mx_quant", "mx_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
+    b = kernel("quant", "moe_quant", num_warps=4, BLOCK_R=4, BLOCK_K=256, FP8=True)
     assert a == b
     cuda_compile.get_kernel.cache_clear()

@@ -260,11 +260,14 @@ def test_device_arch_detection():
     assert "a16w4" in rocm.unsupported(layer.replace(quant="a16w4"))
 
 
-def test_modes_without_gfx950_kernels_lower_the_jnp_path_with_a_warning():
+def test_modes_without_gfx950_kernels_lower_the_jnp_path_with_a_warning(monkeypatch):
     """Placed on ROCm, a16w4 (no gfx950 kernels) lowers the jnp path, saying so."""
     import jax
     import jax_mxfp4_moe as mm
+    from jax_mxfp4_moe.layer import primitive
     from jax_mxfp4_moe.runtime import ffi
+
+    monkeypatch.setattr(primitive, "_warned", set())  # the warning is once per process
 
     shape = moe_cases.Shape("s", E=4, k=2, H=64, I=64)
     w = moe_cases.make_weights(shape)

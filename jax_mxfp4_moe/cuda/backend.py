@@ -132,12 +132,12 @@ def quantize(x, fmt: str):
     N, K = x.shape
     fp8 = fmt == "mxfp8"
     br, bk = 4, 256
-    kern = kernel("mx_quant", "mx_quant", num_warps=4, x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
+    kern = kernel("quant", "moe_quant", num_warps=4, x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name],
                   BLOCK_R=br, BLOCK_K=bk, FP8=fp8)
     q, s = launch(kern, (-(-N // br), -(-K // bk), 1),
                       [x, ffi.Out(0), ffi.Out(1), N, K],
                       [jax.ShapeDtypeStruct((N, K if fp8 else K // 2), jnp.uint8),
-                       jax.ShapeDtypeStruct((N, K // 32), jnp.uint8)], name="mx_quant")
+                       jax.ShapeDtypeStruct((N, K // 32), jnp.uint8)], name="moe_quant")
     return q, s
 
 
@@ -145,10 +145,10 @@ def _quant_dequant(x, *, fp8: bool):
     """x [T, H] -> its MXFP4/MXFP8 values as bf16 (exact), one pass."""
     N, K = x.shape
     br, bk = 4, 256
-    kern = kernel("mx_quant", "mx_quant_dequant", num_warps=4,
+    kern = kernel("quant", "moe_quant_dequant", num_warps=4,
                   x_dtype=TRITON_DTYPE[jnp.dtype(x.dtype).name], BLOCK_R=br, BLOCK_K=bk, FP8=fp8)
     (y,) = launch(kern, (-(-N // br), -(-K // bk), 1), [x, ffi.Out(0), N, K],
-                  [jax.ShapeDtypeStruct((N, K), jnp.bfloat16)], name="mx_quant_dequant")
+                  [jax.ShapeDtypeStruct((N, K), jnp.bfloat16)], name="moe_quant_dequant")
     return y
 
 

@@ -200,9 +200,9 @@ _SIGNATURES = {
     ("moe_sort", "moe_sort_scatter"): dict(
         ids_ptr="*i32", w_ptr="*fp32", mask_ptr="*i32", sid_ptr="*i32", sw_ptr="*fp32",
         run_ptr="*i32", T="i32", K="i32", E="i32", CHUNK="i32"),
-    ("mx_quant", "mx_quant"): dict(
+    ("quant", "moe_quant"): dict(
         x_ptr="*{x}", q_ptr="*u8", s_ptr="*u8", n_rows="i32", K="i32"),
-    ("mx_quant", "mx_quant_dequant"): dict(
+    ("quant", "moe_quant_dequant"): dict(
         x_ptr="*{x}", y_ptr="*bf16", n_rows="i32", K="i32"),
     ("moe_gemm", "moe_gemm1"): dict(
         x_ptr="*{x}", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32", sexp_ptr="*i32",
@@ -237,8 +237,8 @@ _SIGNATURES = {
 # are multiples of the MX block, 32): with every pointer (XLA buffers are
 # 16-byte aligned; the launcher checks), they are compiled as divisible by 16.
 _MULTIPLES_OF_16 = {
-    ("mx_quant", "mx_quant"): ("K",),
-    ("mx_quant", "mx_quant_dequant"): ("K",),
+    ("quant", "moe_quant"): ("K",),
+    ("quant", "moe_quant_dequant"): ("K",),
     ("moe_gemm", "moe_gemm1"): ("H", "I"),
     ("moe_gemm", "moe_gemm2"): ("H", "I"),
     ("moe_decode", "moe_decode"): ("H", "I", "cnt1_off", "y_off", "cnt2_off", "sync_off"),

@@ -7,8 +7,8 @@ from jax_mxfp4_moe.cuda.kernels.mx import apply_inverse_scale, clip_fp8, e2m1_co
 
 
 @triton.jit
-def mx_quant(x_ptr, q_ptr, s_ptr, n_rows, K,
-             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+def moe_quant(x_ptr, q_ptr, s_ptr, n_rows, K,
+              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
     """x [n_rows, K] -> q (fp4 packed [n_rows, K/2] or e4m3 [n_rows, K]) and
     scale bytes [n_rows, K/32]. K is a multiple of 32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -41,7 +41,7 @@ def mx_quant(x_ptr, q_ptr, s_ptr, n_rows, K,
 
 
 @triton.jit
-def mx_quant_dequant(x_ptr, y_ptr, n_rows, K,
+def moe_quant_dequant(x_ptr, y_ptr, n_rows, K,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
     """y = the values x [n_rows, K] takes in MXFP4/MXFP8, as bf16 (exact: an
     fp4/fp8 element times a power of two fits bf16)."""
