@@ -88,17 +88,26 @@ def _canonical_matrix(w, w_scale, *, which, layer_dims, layout):
 
 
 def gmm_jnp(lhs, block_expert, w, w_scale, *, which, layer_dims, layout, block_m, transpose,
-            scale_max):
-    """gmm_p in jnp: each block's expert matrix gathered and dequantised in one
-    fused gather (bf16, exact), one batched matmul with f32 accumulation."""
+            scale_max, platform="cpu"):
+    """gmm_p in jnp, operands bf16 (exact for the weights), f32 accumulation.
+    On CPU each block's expert matrix is gathered and dequantised in one fused
+    gather and the blocks run as one batched matmul (numerics/jnp_layer.py
+    says why XLA:CPU should not run ragged_dot); elsewhere the blocks, sorted
+    by expert, are the groups of a ragged_dot over every expert's matrix."""
     del scale_max
     wc, sc = _canonical_matrix(w, w_scale, which=which, layer_dims=layer_dims, layout=layout)
     nb = block_expert.shape[0]
-    e = jnp.maximum(block_expert, 0)
-    wb = formats.dequantize_mxfp4(wc, sc, jnp.bfloat16)[e]  # [nb, N, K]
-    a = lhs.reshape(nb, block_m, -1).astype(jnp.bfloat16)
-    out = jnp.einsum("bmn,bnk->bmk" if transpose else "bmk,bnk->bmn", a, wb,
-                     preferred_element_type=jnp.float32)
+    wd = formats.dequantize_mxfp4(wc, sc, jnp.bfloat16)  # [E, N, K]
+    a = lhs.astype(jnp.bfloat16)
+    if platform != "cpu":
+        E = wd.shape[0]
+        sizes = jnp.zeros(E + 1, jnp.int32).at[jnp.where(block_expert >= 0, block_expert, E)].add(
+            block_m)[:E]
+        rhs = wd if transpose else jnp.swapaxes(wd, 1, 2)
+        return jax.lax.ragged_dot(a, rhs, sizes, preferred_element_type=jnp.float32)
+    wb = wd[jnp.maximum(block_expert, 0)]  # [nb, N, K]: XLA dequantises only these
+    out = jnp.einsum("bmn,bnk->bmk" if transpose else "bmk,bnk->bmn", a.reshape(nb, block_m, -1),
+                     wb, preferred_element_type=jnp.float32)
     out = jnp.where((block_expert >= 0)[:, None, None], out, 0.0)
     return out.reshape(nb * block_m, -1)
 
@@ -119,6 +128,8 @@ def _gmm_lowering(platform):
             _warned.add("rocm")
             warnings.warn("jax_mxfp4_moe: gfx950 has no backward kernels yet; the gradient's "
                           "grouped matmuls run as XLA (jnp) on rocm", stacklevel=2)
+        if impl is gmm_jnp:
+            impl = functools.partial(gmm_jnp, platform=where)
         return mlir.lower_fun(functools.partial(impl, **params), multiple_results=False)(ctx, *args)
     return lower
 
