@@ -427,7 +427,8 @@ def gmm(lhs, block_expert, w, w_scale, *, which, layer_dims, layout, block_m, tr
                                    E], out_type, name="moe_gmm_wgmma")[0]
     kern = kernel("moe_gmm", "moe_gmm", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   BM=block_m, BN=cfg.block_n, BK=cfg.block_k, TRANSPOSE=bool(transpose),
-                  FOLD=fold, EVEN_K=K_w % cfg.block_k == 0, TILED=layout == LAYOUT_NAME)
+                  FOLD=fold, EVEN_K=not transpose and K_w % cfg.block_k == 0,
+                  TILED=layout == LAYOUT_NAME)
     grid = (-(-n_out // cfg.block_n), NB, 1)
     return launch(kern, grid, [a, be, w, w_scale, ffi.Out(0), N_w, K_w], out_type,
                   name="moe_gmm")[0]
