@@ -1,0 +1,49 @@
+#!/bin/bash
+# One device call for the derivative's grouped matmuls (issue 19): build the
+# launcher, GPU tests of gmm and jax.grad with compute-sanitizer memcheck
+# beside them, then the forward against the forward + backward
+# (bench/grad_session.py, per-kernel profile), then racecheck. A code cache
+# compiled ahead with the device's triton (grad_session.py warm), carried as
+# .jmcache.tgz, is unpacked first. Each step is bounded (timeout) so that the
+# finished ones always come back.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAX_MXFP4_MOE_CACHE_DIR=/tmp/jmcache XLA_PYTHON_CLIENT_PREALLOCATE=false
+cd "$(dirname "$0")/.."
+mkdir -p /tmp/jmcache && [ -f .jmcache.tgz ] && tar xzf .jmcache.tgz -C /tmp/jmcache
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__)"; } \
+  2>&1 | tee "$OUT/device.txt"
+echo "=== build $(date +%T)"
+if ! ls jax_mxfp4_moe/_launcher*.so > /dev/null 2>&1; then
+  ( cmake -S . -B /tmp/build -DSKBUILD_PROJECT_NAME=jax_mxfp4_moe -DCMAKE_BUILD_TYPE=Release \
+      -Dnanobind_DIR="$(python3 -m nanobind --cmake_dir)" -DPython_EXECUTABLE="$(command -v python3)" \
+    && cmake --build /tmp/build -j16 && cp /tmp/build/_launcher*.so jax_mxfp4_moe/ ) \
+    > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+fi
+export PYTHONPATH=$PWD:$PWD/tests
+if [ "${TESTS:-1}" = 1 ]; then
+  echo "=== tests + memcheck $(date +%T)"
+  timeout ${T_TEST:-110} python3 -m pytest -q -rf -n ${WORKERS:-8} -p no:cacheprovider \
+    tests/test_cuda_grad_gpu.py > "$OUT/test.log" 2>&1 &
+  tests=$!
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${T_MEMCHECK:-110} compute-sanitizer --tool memcheck \
+    --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_grad_gpu.py \
+    -k "${MEMCHECK_K:-no_live_block or (grouped and (sm90-w1-True-128 or sm90-w2-False-64 or canonical-w2-True-16))}" \
+    > "$OUT/memcheck.log" 2>&1 &
+  memcheck=$!
+  wait $tests; echo "tests rc $?"; tail -12 "$OUT/test.log" | cut -c1-300
+  wait $memcheck; echo "memcheck rc $?"; tail -5 "$OUT/memcheck.log" | cut -c1-300
+fi
+echo "=== time $(date +%T)"
+timeout ${T_TIME:-120} python3 bench/grad_session.py time --preset gpt-oss-120b --tokens 4096 \
+  --reps 10 --profile ${COMPARE:+--compare $COMPARE} --hlo "$OUT/grad_hlo.txt" \
+  --json "$OUT/grad_time.json" 2>&1 | grep -v Warn | tee "$OUT/time.log" | cut -c1-200
+if [ "${RACECHECK:-1}" = 1 ]; then
+  echo "=== racecheck $(date +%T)"
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${T_RACECHECK:-60} compute-sanitizer --tool racecheck \
+    --error-exitcode 9 python3 bench/grad_session.py sanitize > "$OUT/racecheck.log" 2>&1
+  echo "racecheck rc $?"; tail -6 "$OUT/racecheck.log" | cut -c1-300
+fi
+echo "=== done $(date +%T)"
