@@ -151,6 +151,12 @@ def warm(presets, tokens, quant, layout):
                                 lhs, be, getattr(w, which), getattr(w, which + "_scale")).lower(
                                 lowering_platforms=("cuda",))
         print(f"gmm {shape.name}: compiled ({time.time() - t0:.0f} s)", flush=True)
+    for name, (lay, T, shape, act, gate_up, quant) in t.GRAD_CASES.items():
+        w = moe_cases.make_weights(shape, gate_up=gate_up, bias=True, layout=lay)
+        x, tw, ids = moe_cases.make_tokens(shape, T, seed=T, dtype=jnp.float32)
+        t._grad_fn(shape, ids, act, quant).trace(x, tw, w.b1, w.b2, w, x).lower(
+            lowering_platforms=("cuda",))
+    print(f"grad cases: compiled ({time.time() - t0:.0f} s)", flush=True)
 
 
 def sanitize():

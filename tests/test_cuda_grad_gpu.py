@@ -69,9 +69,11 @@ def test_grouped_matmul_matches_float64_and_gmm_jnp(layout, which, transpose, bl
         assert np.all(got[np.repeat(be < 0, block_m)] == 0), shape.name
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < 1e-5, (shape.name, err)
-        jnp_out = np.asarray(jax.jit(lambda a, b, wv, ws: autodiff.gmm_jnp(a, b, wv, ws, **params))(
-            jnp.asarray(lhs), jnp.asarray(be), getattr(w, which), getattr(w, which + "_scale")))
-        assert np.linalg.norm(got - jnp_out) / np.linalg.norm(jnp_out) < 1e-5, shape.name
+        if shape is moe_cases.GPT_OSS_LIKE:  # and the jnp lowering of gmm_p
+            jnp_out = np.asarray(jax.jit(lambda a, b, wv, ws: autodiff.gmm_jnp(
+                a, b, wv, ws, **params))(jnp.asarray(lhs), jnp.asarray(be), getattr(w, which),
+                                         getattr(w, which + "_scale")))
+            assert np.linalg.norm(got - jnp_out) / np.linalg.norm(jnp_out) < 1e-5
         if shape is moe_cases.ODD_K:
             unfolded = _gmm_on_gpu(w, lhs, be, **dict(params, scale_max=None))
             np.testing.assert_array_equal(unfolded, got)

@@ -385,6 +385,13 @@ def unsupported_gmm(params) -> str | None:
     return _platform_unsupported()
 
 
+def unsupported_sort(block_m: int) -> str | None:
+    """Why sort (the kernels) cannot give the derivative's sort here, or None."""
+    if block_m not in layer_spec.BLOCK_SIZES:
+        return f"block_m {block_m}: the sort kernels take blocks of {layer_spec.BLOCK_SIZES} rows"
+    return _platform_unsupported()
+
+
 def _live_first(block_expert):
     """(the row blocks with the live ones (expert >= 0) first, in order; their
     count as int32 [1])."""

@@ -3,24 +3,32 @@
 The MXFP4 experts are frozen: the weight arrays are integer data (their
 tangents are float0) and gradients flow to x, topk_weights, b1, b2 and,
 through x, to everything upstream.  The layer is linear in each of those
-pieces once the others are fixed, so its JVP is written with one linear
-primitive and jnp:
+pieces once the others are fixed, so its JVP is written with linear
+primitives and jnp:
 
 - ``gmm_p``, the grouped matmul through MXFP4 weights: rows in blocks of
   ``block_m`` (the sort contract's layout), block b through expert
   ``block_expert[b]`` (-1: zeros).  It is linear in its rows; its transpose is
   the grouped matmul through the transposed weights (``transpose``), whose
   contraction runs over the weight's rows (N), with the E8M0 blocks along the
-  output axis.
-- the activation's derivative: ``jax.jvp`` of the spec's jnp definition;
-- the routing-weighted combine y = sum_j topk_weights[:, j] * o[:, j]: jnp
-  (linear in o and in topk_weights).
+  output axis.  On CUDA it runs the backend's grouped-matmul kernels.
+- ``gather_rows_p``, rows moved between token order [T, ...] and sorted
+  order [P, ...]: x into sorted rows, and the per-slot outputs back to
+  (token, slot).  Each direction is a gather and the transpose of the other
+  (a scatter-add of every row would run as atomics).
+- ``act_tangent_p``, the activation's derivative at the pre-activations,
+  linear in the tangent: its transpose recomputes the derivative from h.
+- the routing-weighted combine y = sum_j topk_weights[:, j] * o[:, j] (linear
+  in o and in topk_weights) and the bias rows (a one-hot per row block times
+  the bias: its transpose is a sum over each block's rows), in jnp.
 
+The sort (``sort_p``) runs the platform's sort kernels where it has them.
 Under differentiation the primal runs as those pieces too, so the forward
-keeps what the backward needs (pre-activations h and per-slot outputs o:
-(2I + H) * k * 4 bytes per token) instead of recomputing it; its values
-agree with the fused forward within its tolerance (same operands and
-rounding, f32 sums in another order).  The quantised modes differentiate
+keeps what the backward needs instead of recomputing it: the pre-activations
+h (the grouped matmul's output, [P, 2I] f32 over the padded sorted rows) and
+the per-slot outputs ([T, k, H] f32), about (2I + H) * k * 4 bytes per token;
+its values agree with the fused forward within its tolerance (same operands
+and rounding, f32 sums in another order).  The quantised modes differentiate
 with a straight-through estimator: the tangent of quantise-dequantise is the
 identity (the QAT convention); the backward's grouped matmuls take bf16
 operands with f32 accumulation.
@@ -37,6 +45,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jax_mxfp4_moe.numerics import formats, sorting
+from jax_mxfp4_moe.spec import split_gate_up
 
 gmm_p = Primitive("mxfp4_grouped_matmul")
 KERNEL_PLATFORMS = ("cuda",)  # platforms with grouped-matmul kernels (else jnp)
@@ -182,6 +191,70 @@ batching.primitive_batchers[gmm_p] = _gmm_batch
 
 
 # ---------------------------------------------------------------------------
+# sort_p: the sort contract, by the platform's sort kernels where it has them
+# ---------------------------------------------------------------------------
+
+sort_p = Primitive("mxfp4_moe_sort")
+sort_p.multiple_results = True
+
+
+def sort(topk_ids, expert_mask, *, num_experts: int, block_m: int):
+    """(sorted_token_ids, sorted_expert_ids, num_valid) of sorting.moe_sort:
+    on CUDA by the backend's sort kernels (as the fused layer sorts), else
+    jnp (whose searchsorted loop XLA runs as a while loop of small kernels)."""
+    mask = () if expert_mask is None else (jnp.asarray(expert_mask).astype(jnp.int32),)
+    return sort_p.bind(topk_ids.astype(jnp.int32), *mask, num_experts=num_experts,
+                       block_m=block_m)
+
+
+def _sort_jnp(ids, *mask, num_experts, block_m, backend=None):
+    s = sorting.moe_sort if backend is None else backend.sort
+    r = s(ids, jnp.zeros(ids.shape, jnp.float32), num_experts=num_experts, block_m=block_m,
+          expert_mask=mask[0] if mask else None)
+    return [r.sorted_token_ids, r.sorted_expert_ids, r.num_valid]
+
+
+def _sort_abstract(ids, *mask, num_experts, block_m):
+    T, k = ids.shape
+    i32 = jnp.int32
+    return [jax.core.ShapedArray((sorting.sorted_size(T, k, num_experts, block_m),), i32),
+            jax.core.ShapedArray((sorting.num_blocks(T, k, num_experts, block_m),), i32),
+            jax.core.ShapedArray((2,), i32)]
+
+
+def _sort_lowering(platform):
+    def lower(ctx, *args, **params):
+        backend = None
+        if (platform or ctx.module_context.platforms[0]) == "cuda":
+            from jax_mxfp4_moe.cuda import backend as cuda
+            if cuda.unsupported_sort(params["block_m"]) is None:
+                backend = cuda
+        return mlir.lower_fun(functools.partial(_sort_jnp, backend=backend, **params),
+                              multiple_results=True)(ctx, *args)
+    return lower
+
+
+def _sort_jvp(primals, tangents, **params):
+    out = sort_p.bind(*primals, **params)
+    return out, [ad.Zero.from_primal_value(o) for o in out]
+
+
+def _sort_batch(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+            for a, d in zip(args, dims)]
+    return jax.vmap(functools.partial(_sort_jnp, **params))(*args), [0, 0, 0]
+
+
+sort_p.def_abstract_eval(_sort_abstract)
+sort_p.def_impl(lambda *args, **params: jax.jit(functools.partial(sort_p.bind, **params))(*args))
+mlir.register_lowering(sort_p, _sort_lowering(None))
+mlir.register_lowering(sort_p, _sort_lowering("cuda"), platform="cuda")
+ad.primitive_jvps[sort_p] = _sort_jvp
+batching.primitive_batchers[sort_p] = _sort_batch
+
+
+# ---------------------------------------------------------------------------
 # gather_rows_p: rows of an array by index, whose transpose is a gather too
 # ---------------------------------------------------------------------------
 
@@ -276,15 +349,22 @@ def _act_tangent_abstract(dh, h, *b_be, activation, gate_up, block_m):
 
 
 def _act_tangent_transpose(ct, dh, h, *b_be, activation, gate_up, block_m):
-    from jax_mxfp4_moe.numerics import jnp_layer
-
+    """dh = act'(h + bias)^T ct, gate and up derivatives put back in place by
+    a stack (interleaved) or a concatenation (separated), so that XLA writes
+    dh in one pass from h and ct."""
     assert ad.is_undefined_primal(dh) and not ad.is_undefined_primal(h)
     rest = [None] * (1 + len(b_be))
     if type(ct) is ad.Zero:
         return [ad.Zero(dh.aval)] + rest
     hb = _preactivation(h, *(b_be or (None, None)), block_m)
-    _, pullback = jax.vjp(lambda v: jnp_layer.activation_fn(v, activation, gate_up), hb)
-    return [pullback(ct.astype(jnp.float32))[0].astype(dh.aval.dtype)] + rest
+    g, u = split_gate_up(hb, gate_up)
+    _, pullback = jax.vjp(activation, g, u)
+    dg, du = pullback(ct.astype(jnp.float32))
+    if gate_up == "interleaved":
+        out = jnp.stack([dg, du], axis=-1).reshape(hb.shape)
+    else:
+        out = jnp.concatenate([dg, du], axis=-1)
+    return [out.astype(dh.aval.dtype)] + rest
 
 
 def _act_tangent_jvp(primals, tangents, **params):
@@ -334,11 +414,12 @@ def _fit(a, n, fill):
 
 
 def _block_bias(b, block_expert, block_m):
-    """Each row's expert's bias [P, N] from b [E, N]: one row per block,
-    repeated (0 where the block's expert is -1). Its transpose sums each
-    block's rows, then adds the NB block sums into their experts' rows
-    (rather than a scatter-add of all P rows)."""
-    per_block = jnp.where((block_expert >= 0)[:, None], b[jnp.maximum(block_expert, 0)], 0.0)
+    """Each row's expert's bias [P, N] from b [E, N] (0 where the block's
+    expert is -1): one row per block, as a one-hot [NB, E] times b (exact in
+    f32), repeated over the block's rows. Its transpose sums each block's
+    rows and multiplies by the one-hot's transpose: no scatter-add over rows."""
+    onehot = (block_expert[:, None] == jnp.arange(b.shape[0])[None, :]).astype(b.dtype)
+    per_block = jnp.dot(onehot, b, precision=jax.lax.Precision.HIGHEST)
     nb, n = per_block.shape
     return jnp.broadcast_to(per_block[:, None, :], (nb, block_m, n)).reshape(nb * block_m, n)
 
@@ -357,12 +438,12 @@ def moe_jvp(primals, tangents, *, unpack, spec, has_mask, **params):
     E = spec.num_experts
     n_sort = E if mask is None else mask.shape[0]
     bm = grad_block_m(T, k, E)
-    s = sorting.moe_sort(ids, tw, num_experts=n_sort, block_m=bm, expert_mask=mask)
+    sorted_ids, sorted_experts, _ = sort(ids, mask, num_experts=n_sort, block_m=bm)
     nb = sorting.max_blocks(T * k, E, bm)  # every block past it is unused
     P = nb * bm
-    block_expert = _fit(s.sorted_expert_ids, nb, -1)
+    block_expert = _fit(sorted_experts, nb, -1)
     block_expert = jnp.where(block_expert < E, block_expert, -1)
-    token, slot = sorting.unpack_entry(_fit(s.sorted_token_ids, P, sorting.padding_entry(T, k)))
+    token, slot = sorting.unpack_entry(_fit(sorted_ids, P, sorting.padding_entry(T, k)))
     valid = (token < T) & (jnp.repeat(block_expert, bm) >= 0)
     # Each sorted row's token (T: none) and (token, slot) entry (T * k: none),
     # and each entry's sorted row (P: none): the two directions of gather_rows.
