@@ -27,7 +27,7 @@ if [ "${TESTS:-1}" = 1 ]; then
   # correctness runs side by side: the GPU tests, and memcheck and racecheck
   # of a short run of every grouped-matmul kernel (grad_session.py sanitize)
   echo "=== tests + memcheck + racecheck $(date +%T)"
-  timeout ${T_TEST:-110} python3 -m pytest -q -rf -n ${WORKERS:-16} -p no:cacheprovider \
+  timeout ${T_TEST:-110} python3 -m pytest -v -rf -n ${WORKERS:-16} -p no:cacheprovider \
     tests/test_cuda_grad_gpu.py > "$OUT/test.log" 2>&1 &
   tests=$!
   timeout ${T_MEMCHECK:-110} compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -36,7 +36,8 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout ${T_RACECHECK:-110} compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 bench/grad_session.py sanitize > "$OUT/racecheck.log" 2>&1 &
   racecheck=$!
-  wait $tests; echo "tests rc $?"; grep -v -i warn "$OUT/test.log" | tail -8 | cut -c1-300
+  wait $tests; echo "tests rc $?: $(grep -c PASSED "$OUT/test.log") passed, $(grep -c FAILED "$OUT/test.log") failed"
+  grep -E "FAILED|Error" "$OUT/test.log" | head -8 | cut -c1-300
   wait $memcheck; echo "memcheck rc $?"; tail -4 "$OUT/memcheck.log" | cut -c1-300
   wait $racecheck; echo "racecheck rc $?"; tail -4 "$OUT/racecheck.log" | cut -c1-300
 fi
