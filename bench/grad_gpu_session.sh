@@ -27,7 +27,8 @@ if [ "${TESTS:-1}" = 1 ]; then
   # correctness runs side by side: the GPU tests, and memcheck and racecheck
   # of a short run of every grouped-matmul kernel (grad_session.py sanitize)
   echo "=== tests + memcheck + racecheck $(date +%T)"
-  timeout ${T_TEST:-110} python3 -m pytest -v -rf -n ${WORKERS:-16} -p no:cacheprovider \
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+  timeout ${T_TEST:-110} python3 -m pytest -v -rf -n ${WORKERS:-8} -p no:cacheprovider \
     tests/test_cuda_grad_gpu.py > "$OUT/test.log" 2>&1 &
   tests=$!
   timeout ${T_MEMCHECK:-110} compute-sanitizer --tool memcheck --error-exitcode 9 \
