@@ -152,6 +152,23 @@ def _mx_dot_even_odd(acc, xe, xo, w, ws, FOLD: tl.constexpr):
 
 
 @triton.jit
+def _mx_dot_columns(acc_even, acc_odd, a, w, ws, FOLD: tl.constexpr):
+    """moe_gmm.mx_dot_columns with its inline PTX as plain Triton and the
+    dots in f32 (as _mx_dot_even_odd, and for the same reasons)."""
+    R: tl.constexpr = w.shape[0]
+    C: tl.constexpr = w.shape[1]
+    c = w.to(tl.int32)
+    b = ws.to(tl.int32)
+    s = tl.exp2((b - 127).to(tl.float32))
+    if not FOLD:
+        s = tl.where(b == 0, 0.0, tl.where(b == 255, float("inf"), s))
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (R, C // 16, 16)), (R, C))
+    acc_even = tl.dot(a.to(tl.float32), _e2m1_value(c & 15) * s, acc_even)
+    acc_odd = tl.dot(a.to(tl.float32), _e2m1_value(c >> 4) * s, acc_odd)
+    return acc_even, acc_odd
+
+
+@triton.jit
 def _wait_at_least(ptr, target):
     """moe_decode.wait_at_least without its PTX: poll, then acquire."""
     c = tl.load(ptr, volatile=True)
@@ -168,6 +185,8 @@ def install():
     cuda.launch = _launch
     _kernels("gemm_loop").mx_dot_even_odd = _mx_dot_even_odd
     _kernels("moe_decode").wait_at_least = _wait_at_least
+    _kernels("moe_gmm").mx_dot_columns = _mx_dot_columns
+    cuda_config.GMM_WGMMA_KERNELS = False  # Gluon kernels do not run in the interpreter
 
 
 def _weights(c):
@@ -200,6 +219,20 @@ def _run_moe(c):
     y = moe_cases.backend_moe(cuda, x, w, tw, ids, activation=c["activation"], quant=c["quant"],
                  deterministic=c["deterministic"])
     return dict(y=np.asarray(y.astype(jnp.float32)), dtype=np.asarray(str(y.dtype)))
+
+
+def _run_gmm(c):
+    import moe_cases
+
+    w, lhs, be = moe_cases.gmm_problem(
+        getattr(moe_cases, c["shape"]), which=c["which"], transpose=c["transpose"],
+        layout=c["layout"], block_m=c["BM"], experts=c["experts"], seed=c["seed"],
+        scale_max=c.get("scale_max") != "unknown")
+    out = cuda.gmm(jnp.asarray(lhs), jnp.asarray(be), getattr(w, c["which"]),
+                   getattr(w, c["which"] + "_scale"),
+                   **moe_cases.gmm_params(w, which=c["which"], transpose=c["transpose"],
+                                          block_m=c["BM"]))
+    return dict(out=np.asarray(out))
 
 
 def _run_sort(c):
@@ -244,7 +277,7 @@ def _run_rows(c):
     return dict(out=out.reshape(programs, 4 * BM + 2).numpy(), w=w.reshape(programs, BM).numpy())
 
 
-_RUNS = {"moe": _run_moe, "sort": _run_sort, "rows": _run_rows}
+_RUNS = {"moe": _run_moe, "sort": _run_sort, "rows": _run_rows, "gmm": _run_gmm}
 
 
 def main(cases_json: str, out_path: str):

@@ -48,3 +48,50 @@ def backend_moe(backend, x, w, tw, ids, *, activation="silu", quant="a16w4", det
     way moe()'s keywords describe a layer."""
     spec = LayerSpec.for_weights(w, ids.shape[1], activation=activation, quant=quant)
     return backend.moe(x, w, tw, ids, expert_mask, spec=spec, deterministic=deterministic, **kw)
+
+
+# ---------------------------------------------------------------------------
+# The grouped matmul of the derivative (autodiff.gmm_p)
+# ---------------------------------------------------------------------------
+
+
+def gmm_problem(shape, *, which, transpose, layout, block_m, experts, seed=0, scale_max=True):
+    """(weights in ``layout``, lhs f32 [P, KC], block experts [NB]) of one
+    grouped matmul through ``which`` ("w1" [2I, H] or "w2" [H, I]):
+    random rows, the given expert per block (-1: none); scale_max False
+    drops the weights' recorded largest scale byte (no 2**126 fold)."""
+    w = make_weights(shape, gate_up="separated", bias=False, seed=seed, layout=layout)
+    if not scale_max:
+        w = dataclasses.replace(w, scale_max=None)
+    n, k = (2 * shape.I, shape.H) if which == "w1" else (shape.H, shape.I)
+    be = np.asarray(experts, np.int32)
+    rng = np.random.default_rng(seed + 1)
+    lhs = rng.standard_normal((len(be) * block_m, n if transpose else k)).astype(np.float32)
+    return w, lhs, be
+
+
+def gmm_params(w, *, which, transpose, block_m):
+    """gmm_p's params for weights w."""
+    dims = dict(num_experts=w.num_experts, hidden=w.hidden, intermediate=w.intermediate)
+    return dict(which=which, layer_dims=tuple(sorted(dims.items())), layout=w.layout,
+                block_m=block_m, transpose=transpose, scale_max=w.scale_max)
+
+
+def gmm_oracle(w, which, lhs, block_expert, block_m, transpose):
+    """gmm_p in float64 NumPy from the canonical weights: rows as bf16 (the
+    operand type of the kernels and of gmm_jnp), each block through its
+    expert (-1: zeros)."""
+    import ml_dtypes
+
+    from jax_mxfp4_moe.numerics import formats
+
+    w = w.canonical()
+    W = formats.dequantize_mxfp4_np(np.asarray(getattr(w, which)),
+                                    np.asarray(getattr(w, which + "_scale")), np.float64)
+    a = np.asarray(lhs).astype(ml_dtypes.bfloat16).astype(np.float64)
+    out = np.zeros((a.shape[0], W.shape[2] if transpose else W.shape[1]))
+    for b, e in enumerate(np.asarray(block_expert)):
+        if e >= 0:
+            rows = slice(b * block_m, (b + 1) * block_m)
+            out[rows] = a[rows] @ (W[e] if transpose else W[e].T)
+    return out

@@ -3,6 +3,7 @@ shipped variant family, with tensor-core (HGMMA) instructions in the gemms and
 no local-memory spills; the whole pipeline lowers for the CUDA platform."""
 
 import collections
+import dataclasses
 import os
 import re
 import subprocess
@@ -255,6 +256,91 @@ def test_prefill_path_lowers_for_cuda():
                                              gate_up="separated", layout="sm90")
     assert cuda_config.prefill_supported(cuda_config.PrefillConfig(), I=96,
                                          gate_up="interleaved", layout="sm90")
+
+
+# ---------------------------------------------------------------------------
+# The grouped matmuls of the derivative (moe_gmm_wgmma, moe_gmm)
+# ---------------------------------------------------------------------------
+
+def _gmm_kernel(block_m, transpose, layout, fold=True, even_k=True):
+    cfg = cuda_config.gmm_config(block_m, transpose=transpose, layout=layout)
+    if cfg.wgmma is not None:
+        pc = cfg.wgmma
+        return kernel("moe_gmm_wgmma", "moe_gmm_wgmma", num_warps=cfg.num_warps,
+                      maxnreg=pc.maxnreg, BM=block_m, BN=cfg.block_n, BK=cfg.block_k,
+                      STAGES=pc.stages, W_STAGES=pc.w_stages, GROUP_M=pc.group_m,
+                      TRANSPOSE=transpose, FOLD=fold, PRODUCER_REGS=pc.producer_regs)
+    return kernel("moe_gmm", "moe_gmm", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  BM=block_m, BN=cfg.block_n, BK=cfg.block_k, TRANSPOSE=transpose, FOLD=fold,
+                  EVEN_K=even_k, TILED=layout == "sm90")
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("transpose,fold", [(False, True), (True, True), (True, False)])
+def test_gmm_wgmma_variants(block_m, transpose, fold):
+    """The Gluon grouped matmul (sm90 weights, 64 or 128 rows per block):
+    warpgroup MMA fed by TMA and mbarriers, registers moved between the
+    partitions, no spills; the consumers' K loop keeps one wgmma in flight
+    and the producer's K step is the same upcast as the prefill GEMMs'
+    (16 words of 8 E2M1 per thread, one bf16x2 multiply per pair, 16-byte
+    shared stores, no copies, no MMA)."""
+    k = _gmm_kernel(block_m, transpose, "sm90", fold)
+    ops = sass_ops(k)
+    assert ops["HGMMA"] > 0 and ops["UTMALDG"] > 0 and ops["SYNCS"] > 0, ops
+    assert ops["LDL"] == 0 and ops["STL"] == 0, "local-memory spills"
+    assert ops["USETMAXREG"] > 0, ops
+    assert k.block == (32 * (block_m // 16 + 4), 1, 1)  # consumer warpgroups + the producer
+    assert k.shared_mem <= 227 * 1024
+    assert k.params[-2:] == ("ptr", "null")  # global scratch (TMA descriptors), profile
+    consumer = innermost_loop(k, "HGMMA")
+    assert consumer["HGMMA"] == 4 and consumer["WARPGROUP"] >= 2, consumer  # BK 64 = 4 x k16
+    producer = innermost_loop(k, "HMUL2")
+    assert producer["HMUL2"] == 64 and producer["STS"] >= 16, producer
+    assert producer["HGMMA"] == 0 and producer["UTMALDG"] == 0, producer
+    if fold:
+        assert producer["PRMT"] == 64 and producer["BAR128"] <= 2, producer
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("layout,even_k", [("canonical", True), ("canonical", False),
+                                           ("sm90", False)])
+def test_gmm_triton_variants(block_m, transpose, layout, even_k):
+    """The Triton grouped matmul (any layout and block height; the tiles the
+    table gives it): tensor-core MMAs, no spills."""
+    cfg = cuda_config.gmm_config(block_m, transpose=transpose, layout="canonical")
+    assert cfg.wgmma is None
+    k = kernel("moe_gmm", "moe_gmm", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+               BM=block_m, BN=cfg.block_n, BK=cfg.block_k, TRANSPOSE=transpose, FOLD=True,
+               EVEN_K=even_k, TILED=layout == "sm90")
+    ops = sass_ops(k)
+    assert ops["LDL"] == 0 and ops["STL"] == 0, ops
+    assert ops["HGMMA"] + ops["HMMA"] > 0, ops
+
+
+def test_gradient_lowers_to_the_gmm_kernels_for_cuda():
+    """jax.grad of moe lowered for CUDA (no GPU needed): the sort kernels,
+    then four grouped matmuls (W1 and W2 forward, then their transposes), the
+    Gluon kernel with sm90 weights at 128 rows per block, the Triton one with
+    canonical weights or small blocks; the layer's fused kernels do not run
+    under differentiation."""
+    import jax_mxfp4_moe as mm
+    shape = moe_cases.GPT_OSS_LIKE
+    for layout, T, name in (("sm90", 300, "moe_gmm_wgmma"), ("canonical", 300, "moe_gmm"),
+                            ("sm90", 20, "moe_gmm")):
+        w = moe_cases.make_weights(shape, gate_up="interleaved", bias=True, layout=layout)
+        x = jnp.zeros((T, shape.H), jnp.bfloat16)
+        tw = jnp.zeros((T, shape.k), jnp.float32)
+        ids = jnp.zeros((T, shape.k), jnp.int32)
+
+        def loss(x, tw, b1, b2, w=w, ids=ids):
+            y = mm.moe(x, dataclasses.replace(w, b1=b1, b2=b2), tw, ids, activation="swiglu_oai")
+            return jnp.sum(y.astype(jnp.float32))
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+            x, tw, w.b1, w.b2).lower(lowering_platforms=("cuda",)).as_text()
+        kernels = re.findall(r'kernel = "(\w+)"', text)
+        sorts = [k for k in kernels if k.startswith("moe_sort")]  # the sort kernels, as the layer's
+        assert sorts and kernels[len(sorts):] == [name] * 4, (layout, T, kernels)
 
 
 def test_bench_probe_kernels():

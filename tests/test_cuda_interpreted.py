@@ -57,6 +57,25 @@ CASES = {
 }
 
 
+# The grouped matmul of the derivative (moe_gmm, the Triton kernel): both
+# orientations, both matrices and layouts, blocks of expert -1, odd K and N.
+GMMS = {
+    "w1 forward canonical BM 16": dict(which="w1", transpose=False, layout="canonical", BM=16,
+                                       shape="GPT_OSS_LIKE", experts=[0, -1, 3, 7, 7]),
+    "w1 transposed sm90 BM 32": dict(which="w1", transpose=True, layout="sm90", BM=32,
+                                     shape="GPT_OSS_LIKE", experts=[5, 2, -1]),
+    "w2 forward sm90 BM 64 odd K, scale bytes unknown": dict(
+        which="w2", transpose=False, layout="sm90", BM=64, shape="ODD_K", experts=[3, -1, 0],
+        scale_max="unknown"),
+    "w2 transposed canonical BM 16 odd K": dict(which="w2", transpose=True, layout="canonical",
+                                                BM=16, shape="ODD_K", experts=[-1, 2, 2, 1]),
+    "w1 transposed canonical BM 128 odd K": dict(which="w1", transpose=True, layout="canonical",
+                                                 BM=128, shape="ODD_K", experts=[3, -1]),
+    "w2 transposed sm90 BM 16 odd K, scale bytes unknown": dict(
+        which="w2", transpose=True, layout="sm90", BM=16, shape="ODD_K", experts=[1, 0, -1, 2],
+        scale_max="unknown"),
+}
+
 # The sort kernels: one program (T*k <= SORT_ONESHOT_MAX_ENTRIES), and the chunked
 # three-launch form past it; out-of-range ids, an expert mask.
 SORTS = {
@@ -96,7 +115,9 @@ def outputs(tmp_path_factory):
     assert 1100 * 4 > cuda_config.SORT_ONESHOT_MAX_ENTRIES
     cases = [dict(_BASE, **c) for c in CASES.values()] + [
         dict(kind="sort", seed=i, **c) for i, c in enumerate(SORTS.values())] + [
-        dict(kind="rows", **c) for c in ROUTINGS.values()]
+        dict(kind="rows", **c) for c in ROUTINGS.values()] + [
+        dict(kind="gmm", seed=i, **c)
+        for i, c in enumerate(GMMS.values())]
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
                                            os.environ.get("PYTHONPATH", "")]))
@@ -179,3 +200,24 @@ def test_direct_rows_are_the_sort_contracts_blocks(outputs, j, name):
         assert rows == sorted(rows) and rows, name  # (token, slot) order, never empty
         got.setdefault(p["expert"], []).append(rows)
     assert got == want, name
+
+
+@pytest.mark.parametrize("j,name", list(enumerate(GMMS)))
+def test_interpreted_grouped_matmul_matches_float64(outputs, j, name):
+    """Every output element written (results start as 0xAB bytes), blocks of
+    expert -1 exactly 0, the rest the float64 product of the bf16 rows and
+    the exact weights up to f32 summation."""
+    ys, cases = outputs
+    i = len(CASES) + len(SORTS) + len(ROUTINGS) + j
+    c = cases[i]
+    w, lhs, be = moe_cases.gmm_problem(
+        getattr(moe_cases, c["shape"]), which=c["which"], transpose=c["transpose"],
+        layout=c["layout"], block_m=c["BM"], experts=c["experts"], seed=c["seed"],
+        scale_max=c.get("scale_max") != "unknown")
+    want = moe_cases.gmm_oracle(w, c["which"], lhs, be, c["BM"], c["transpose"])
+    got = ys[f"{i}/out"]
+    assert got.shape == want.shape and got.dtype == np.float32, name
+    dead = np.repeat(be < 0, c["BM"])
+    assert np.all(got[dead] == 0), name
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 1e-5, (name, err)

@@ -51,6 +51,10 @@ def unsupported(spec) -> str | None:
     """Why these kernels cannot run a layer here, or None: every quant mode and
     activation of the spec has kernels; a CUDA device (when the process has
     one; exports lower without) must be sm_90 and the launcher must be built."""
+    return _platform_unsupported()
+
+
+def _platform_unsupported() -> str | None:
     if not ffi.available():
         return "the FFI launcher extension is not built"
     devices = _local_devices()
@@ -361,3 +365,77 @@ def _decode(x, w, ids, tw, cfg, grid_m, nmax, a_fmt, fmt, act, fold, sm90, out_d
                        zero_outputs=(2,), name="moe_decode")
     # int64 fields as uint32 pairs (x64 may be off): view them on the host
     return out, jax.lax.bitcast_convert_type(s[trace_off:], jnp.uint32).reshape(grid[0], 16)
+
+
+# ---------------------------------------------------------------------------
+# The grouped matmul of the layer's derivative (layer/autodiff.py gmm_p)
+# ---------------------------------------------------------------------------
+
+GMM_LAYOUTS = ("canonical", LAYOUT_NAME)
+
+
+def unsupported_gmm(params) -> str | None:
+    """Why the grouped-matmul kernels cannot run gmm_p with these params, or
+    None (the lowering then runs autodiff.gmm_jnp instead)."""
+    if params["layout"] not in GMM_LAYOUTS:
+        return (f"layout {params['layout']!r}: the CUDA grouped-matmul kernels read "
+                f"{' and '.join(GMM_LAYOUTS)} weights")
+    if params["block_m"] not in layer_spec.BLOCK_SIZES:
+        return f"block_m {params['block_m']}: the kernels take blocks of {layer_spec.BLOCK_SIZES} rows"
+    return _platform_unsupported()
+
+
+def unsupported_sort(block_m: int) -> str | None:
+    """Why sort (the kernels) cannot give the derivative's sort here, or None."""
+    if block_m not in layer_spec.BLOCK_SIZES:
+        return f"block_m {block_m}: the sort kernels take blocks of {layer_spec.BLOCK_SIZES} rows"
+    return _platform_unsupported()
+
+
+def _live_first(block_expert):
+    """(the row blocks with the live ones (expert >= 0) first, in order; their
+    count as int32 [1])."""
+    dead = (block_expert < 0).astype(jnp.int32)
+    order = jnp.argsort(dead, stable=True).astype(jnp.int32)
+    return order, (dead.shape[0] - jnp.sum(dead)).astype(jnp.int32).reshape(1)
+
+
+def gmm(lhs, block_expert, w, w_scale, *, which, layer_dims, layout, block_m, transpose,
+        scale_max):
+    """gmm_p on an sm_90 GPU (autodiff.gmm_jnp's contract): f32 [P, N] =
+    lhs [P, K] @ W[e]^T per block of block_m rows (transpose: [P, K] =
+    lhs [P, N] @ W[e]), rows of blocks whose expert is -1 zero. lhs goes to
+    the tensor cores as bf16 (converted here: XLA fuses the cast into the
+    op that makes lhs); the upcast of W with its scales is exact."""
+    dims = dict(layer_dims)
+    E, H, I = dims["num_experts"], dims["hidden"], dims["intermediate"]
+    N_w, K_w = (2 * I, H) if which == "w1" else (H, I)
+    P = lhs.shape[0]
+    NB = block_expert.shape[0]
+    if P != NB * block_m:
+        raise ValueError(f"lhs: expected {NB} * {block_m} rows, got {P}")
+    n_out = K_w if transpose else N_w
+    if P == 0:
+        return jnp.zeros((0, n_out), jnp.float32)
+    a = lhs.astype(jnp.bfloat16)
+    be = block_expert.astype(jnp.int32)
+    fold = scale_max is not None and scale_max <= FOLD_MAX_SCALE_BYTE
+    cfg = config.gmm_config(block_m, transpose=transpose, layout=layout)
+    out_type = [jax.ShapeDtypeStruct((P, n_out), jnp.float32)]
+    if cfg.wgmma is not None:
+        pc = cfg.wgmma
+        order, n_live = _live_first(be)
+        kern = kernel("moe_gmm_wgmma", "moe_gmm_wgmma", num_warps=cfg.num_warps,
+                      maxnreg=pc.maxnreg, BM=block_m, BN=cfg.block_n, BK=cfg.block_k,
+                      STAGES=pc.stages, W_STAGES=pc.w_stages, GROUP_M=pc.group_m,
+                      TRANSPOSE=bool(transpose), FOLD=fold, PRODUCER_REGS=pc.producer_regs)
+        grid = (min(config.NUM_SMS, NB * -(-n_out // cfg.block_n)), 1, 1)
+        return launch(kern, grid, [a, be, order, n_live, w, w_scale, ffi.Out(0), P, NB, N_w, K_w,
+                                   E], out_type, name="moe_gmm_wgmma")[0]
+    kern = kernel("moe_gmm", "moe_gmm", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  BM=block_m, BN=cfg.block_n, BK=cfg.block_k, TRANSPOSE=bool(transpose),
+                  FOLD=fold, EVEN_K=not transpose and K_w % cfg.block_k == 0,
+                  TILED=layout == LAYOUT_NAME)
+    grid = (-(-n_out // cfg.block_n), NB, 1)
+    return launch(kern, grid, [a, be, w, w_scale, ffi.Out(0), N_w, K_w], out_type,
+                  name="moe_gmm")[0]

@@ -231,6 +231,12 @@ _SIGNATURES = {
         inter_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", b_ptr="*fp32", sid_ptr="*i32",
         sw_ptr="*fp32", sexp_ptr="*i32", nv_ptr="*i32", y_ptr="*fp32", P="i32", T="i32", H="i32",
         I="i32", E="i32", TOPK="i32"),
+    ("moe_gmm", "moe_gmm"): dict(
+        a_ptr="*bf16", be_ptr="*i32", w_ptr="*u8", ws_ptr="*u8", out_ptr="*fp32", N_W="i32",
+        K_W="i32"),
+    ("moe_gmm_wgmma", "moe_gmm_wgmma"): dict(
+        a_ptr="*bf16", be_ptr="*i32", order_ptr="*i32", nlive_ptr="*i32", w_ptr="*u8",
+        ws_ptr="*u8", out_ptr="*fp32", P="i32", NB="i32", N_W="i32", K_W="i32", E="i32"),
 }
 
 # Integer arguments that are multiples of 16 by the input contract (H and I
@@ -247,6 +253,8 @@ _MULTIPLES_OF_16 = {
     ("probes", "matmul_bf16"): ("M", "N", "K"),
     ("moe_wgmma", "moe_wgmma_gemm1"): ("H", "I"),
     ("moe_wgmma", "moe_wgmma_gemm2"): ("H", "I"),
+    ("moe_gmm", "moe_gmm"): ("N_W", "K_W"),
+    ("moe_gmm_wgmma", "moe_gmm_wgmma"): ("P", "N_W", "K_W"),
 }
 
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

@@ -186,6 +186,41 @@ def choose_config(T: int, k: int, E: int, H: int, I: int, *, deterministic: bool
     return MoEConfig(bm, g1, g2, warps, prefill[0] if prefill and PREFILL_KERNELS else None)
 
 
+# ---------------------------------------------------------------------------
+# The grouped matmuls of the layer's derivative (layer/autodiff.py gmm_p)
+# ---------------------------------------------------------------------------
+
+# The Gluon wgmma kernels where gmm_config names them (False: the Triton
+# kernels everywhere, for side-by-side measurements).
+GMM_WGMMA_KERNELS = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmConfig:
+    """Tiles of one grouped matmul (cuda/kernels/moe_gmm.py, moe_gmm_wgmma.py)."""
+    block_n: int      # output columns per tile
+    block_k: int      # contraction per step (transposed: weight rows)
+    num_warps: int
+    num_stages: int   # the Triton kernel's software pipeline depth
+    wgmma: PrefillConfig | None = None  # the Gluon kernel's pipeline (else the Triton one)
+
+
+def gmm_config(block_m: int, *, transpose: bool, layout: str) -> GmmConfig:
+    """The tiles of a grouped matmul over blocks of block_m rows. With sm90
+    weights and blocks of 64 or 128 rows (the derivative's block height past
+    ~64 rows per expert: autodiff.grad_block_m), the Gluon kernel with the
+    prefill GEMMs' pipeline: 128 (or 64) x 256 tiles, a 3-deep operand ring,
+    5-deep fp4 staging. Otherwise the Triton kernel: tokens on the MMA's M
+    side, 4 warps, 3-stage cp.async pipeline; transposed, 128 output
+    columns (one sm90 layout tile along K) by 64 weight rows per step."""
+    from jax_mxfp4_moe.cuda.layout import NAME
+    if GMM_WGMMA_KERNELS and layout == NAME and block_m in (64, 128):
+        return GmmConfig(256, 64, block_m // 16, 1, PrefillConfig())
+    if transpose:
+        return GmmConfig(128, 64, 4, 3)
+    return GmmConfig(128 if block_m >= 64 else 64, 64 if block_m >= 64 else 128, 4, 3)
+
+
 def prefill_supported(cfg: PrefillConfig, *, I: int, gate_up: str, layout: str) -> bool:
     """Whether the Gluon kernels read these weights: the sm90 layout (TMA
     boxes of its 64-row tiles), and for separated gate/up rows an up half
