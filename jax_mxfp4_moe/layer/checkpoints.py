@@ -296,9 +296,12 @@ def from_gpt_oss(checkpoint, layer: int, *, layout: str = layouts.CANONICAL,
         shapes = {n: ((E, *s[1:]), np.float32 if d is None else d) for n, (s, d) in canon_shapes.items()}
         pack = None
     else:
+        # one compiled program per layer shape: its temporaries are one
+        # expert's, freed when it returns
+        pack_one = jax.jit(lambda arrays: target.pack(arrays, num_experts=1, hidden=H, intermediate=I))
+
         def pack(arrays):
-            return {n: np.asarray(a) for n, a in
-                    target.pack(arrays, num_experts=1, hidden=H, intermediate=I).items()}
+            return {n: np.asarray(a) for n, a in pack_one(arrays).items()}
         first = pack(read_expert(0))
         shapes = {n: ((E, *a.shape[1:]), a.dtype) for n, a in first.items()}
     out = {n: _aligned_empty(s, d) for n, (s, d) in shapes.items()}
