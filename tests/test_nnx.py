@@ -198,3 +198,14 @@ def test_on_eight_cpu_devices_equals_one_device_and_trains(mesh_results, name, s
     assert r["w1_devices"] == 8 and r["w1_shard_shapes"] == [shard]  # each device: its experts / I slice
     assert r["gate_up"] == "interleaved"
     assert r["loss_after"] < r["loss_before"]
+
+
+def test_the_module_exports_as_the_readme_says(block):
+    pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
+    graphdef, state = nnx.split(block)
+    leaves, treedef = jax.tree.flatten(state)
+    f = jax.jit(lambda leaves, x: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x))
+    x = _x(3)
+    exported = jax.export.export(f, platforms=("cpu",))(leaves, x)
+    again = jax.export.deserialize(exported.serialize())
+    np.testing.assert_array_equal(np.asarray(again.call(leaves, x)), np.asarray(block(x)))
