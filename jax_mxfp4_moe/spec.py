@@ -331,7 +331,7 @@ PRESETS: Mapping[str, LayerSpec] = {
     "tiny": LayerSpec(8, 2, 128, 64, Activation("silu"), "separated", has_b1=True, has_b2=True),
     # The CPU timing case: the jnp path against dequantising inside the jit
     # (the bench's CPU baselines), at T = 64.
-    "cpu-e32": LayerSpec(32, 4, 512, 512, Activation("silu"), "separated"),
+    "small": LayerSpec(32, 4, 512, 512, Activation("silu"), "separated"),
 }
 
 

@@ -67,11 +67,11 @@ def test_help_shows_every_default_within_120_columns(capsys):
     assert "(default: 1,8,64,512,4096,16384 on a GPU, 1,8,64 on CPU)" in text
     assert "(default: gpt-oss-120b)" in text and "(default: a16w4)" in text
     assert "(default: 20 on a GPU, 5 on CPU)" in text and "(default: None)" not in text
-    assert "cpu-e32" in text
+    assert "small" in text
 
 
 def test_cpu_timing_preset_is_the_issue_shape():
-    p = bench.PRESETS["cpu-e32"]
+    p = bench.PRESETS["small"]
     assert (p.num_experts, p.top_k, p.hidden, p.intermediate) == (32, 4, 512, 512)
 
 

@@ -667,7 +667,7 @@ def main(argv=None) -> int:
         formatter_class=_DefaultsFormatter)
     ap.add_argument("--preset", default="gpt-oss-120b",
                     help=f"comma-separated; of {', '.join(sorted(PRESETS))} "
-                         "(cpu-e32: the CPU timing case, jnp path against dequantising inside the jit)")
+                         "(small: the CPU timing case, jnp path against dequantising inside the jit)")
     ap.add_argument("--tokens", default=None,
                     help=f"comma-separated T values (default: {fmt(DEFAULTS['gpu']['tokens'])} on a GPU, "
                          f"{fmt(DEFAULTS['cpu']['tokens'])} on CPU)")
