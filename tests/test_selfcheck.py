@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jax_mxfp4_moe import spec
-from jax_mxfp4_moe.tools import selfcheck
+from jax_mxfp4_moe import selfcheck
 
 
 @pytest.mark.parametrize("backend", ["cuda", "rocm"])
