@@ -94,7 +94,7 @@ def test_router_and_biases_train_and_experts_stay_frozen():
 
 
 def test_scan_over_stacked_layers_equals_a_loop():
-    L = 3
+    L = 2
 
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0)
