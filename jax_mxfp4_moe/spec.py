@@ -329,6 +329,9 @@ PRESETS: Mapping[str, LayerSpec] = {
     "deepseek-v3": LayerSpec(256, 8, 7168, 2048, Activation("silu"), "separated"),
     "qwen3-30b-a3b": LayerSpec(128, 8, 2048, 768, Activation("silu"), "separated"),
     "tiny": LayerSpec(8, 2, 128, 64, Activation("silu"), "separated", has_b1=True, has_b2=True),
+    # The CPU timing case: the jnp path against dequantising inside the jit
+    # (the bench's CPU baselines), at T = 64.
+    "small": LayerSpec(32, 4, 512, 512, Activation("silu"), "separated"),
 }
 
 

@@ -27,7 +27,7 @@ import pathlib
 import re
 from typing import Any, Sequence
 
-from jax_mxfp4_moe.runtime import codecache, ffi
+from jax_mxfp4_moe.runtime import codecache, ffi, versions
 
 # Triton scalar / pointer types -> ffi parameter kinds.
 _SCALAR_KINDS = {"i32": "i32", "u32": "u32", "i64": "i64", "u64": "i64", "fp32": "f32"}
@@ -263,9 +263,12 @@ TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def _triton_version() -> str | None:
     try:
         from importlib.metadata import version
-        return version("triton")
+        found = version("triton")
     except Exception:  # not installed: only a ready cache can serve
         return None
+    versions.check("triton", found, backend="cuda")  # once per process: untested versions
+    versions.check_jax(backend="cuda")
+    return found
 
 
 @functools.lru_cache(maxsize=None)

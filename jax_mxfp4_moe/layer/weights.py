@@ -28,6 +28,26 @@ _ARRAYS = ("w1", "w1_scale", "w2", "w2_scale", "b1", "b2")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MoEWeights:
+    """The MXFP4 expert weights of one MoE layer: a JAX pytree.
+
+    Leaves (canonical layout; a backend layout keeps the names and stores the
+    same bytes re-arranged, ``layouts.py``):
+      w1 [E, 2I, H/2] u8, w1_scale [E, 2I, H/32] u8  gate + up rows, fp4 pairs
+                                                     (low nibble first) and E8M0
+      w2 [E, H, I/2] u8,  w2_scale [E, H, I/32] u8    down projection
+      b1 [E, 2I] f32, b2 [E, H] f32                   optional biases (None: absent)
+    Static fields (part of the tree structure, so a jit retraces when they
+    change): ``num_experts`` E, ``hidden`` H, ``intermediate`` I (the logical
+    dims, whatever the layout pads), ``gate_up`` ("separated": gate rows
+    [0, I), up rows [I, 2I); "interleaved": row 2i gate i, row 2i+1 up i),
+    ``layout`` ("canonical", "sm90", "gfx950") and ``scale_max``.
+
+    Build them with ``prepare_weights`` (float -> MXFP4), ``from_mxfp4``
+    (already-quantised bytes) or ``from_gpt_oss`` (a checkpoint); lay them out
+    for a GPU once with ``to_layout``.  The repr is one line: dims, layout,
+    dtypes and bytes, never the arrays.
+    """
+
     w1: Any
     w1_scale: Any
     w2: Any
@@ -43,6 +63,21 @@ class MoEWeights:
     # concrete at construction (None if unknown): lets a backend fold a
     # constant factor into the scales where it stays in range (backends/cuda.py).
     scale_max: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def __repr__(self) -> str:
+        arrays = self.arrays()
+        biases = [n for n in ("b1", "b2") if n in arrays]
+        bias = (f"{'/'.join(biases)} {_dtype_name(arrays[biases[0]])}" if biases else "no bias")
+        return (f"MoEWeights(E={self.num_experts}, H={self.hidden}, I={self.intermediate}, "
+                f"gate_up={self.gate_up!r}, layout={self.layout!r}, "
+                f"w1/w2 {_dtype_name(self.w1)} + scales {_dtype_name(self.w1_scale)}, {bias}, "
+                f"{_format_bytes(self.nbytes)})")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all arrays as stored (a layout's padding included)."""
+        return sum(int(np.prod(a.shape)) * np.dtype(_dtype_name(a)).itemsize
+                   for a in self.arrays().values())
 
     @property
     def has_bias(self) -> bool:
@@ -104,6 +139,17 @@ class MoEWeights:
                 raise TypeError(f"weights.{name}: expected dtype {dtype}, got {a.dtype}")
             if dtype is None and not jnp.issubdtype(a.dtype, jnp.floating):
                 raise TypeError(f"weights.{name}: expected a float dtype, got {a.dtype}")
+
+
+def _dtype_name(a) -> str:
+    return np.dtype(a.dtype).name
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def canonical_shapes(E: int, H: int, I: int) -> dict:

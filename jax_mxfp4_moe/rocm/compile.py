@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from jax_mxfp4_moe.runtime import codecache, ffi
+from jax_mxfp4_moe.runtime import codecache, ffi, versions
 
 from jax_mxfp4_moe.rocm import elf as rocm_elf
 
@@ -122,9 +122,12 @@ def _flydsl_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("flydsl")
+        found = version("flydsl")
     except PackageNotFoundError:
         return FLYDSL_VERSION
+    versions.check("flydsl", found, backend="rocm")  # once per process: untested versions
+    versions.check_jax(backend="rocm")
+    return found
 
 
 def _placeholder(kind: str):

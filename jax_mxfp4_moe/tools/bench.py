@@ -44,7 +44,30 @@ MXFP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32  # fp4 element + its share of a scale byte
 PRESETS = spec.PRESETS
 Preset = spec.LayerSpec
 
-BASELINES = ("bf16_ragged_dot", "mxfp4_dequant_ragged_dot", "mosaic_gpu_ragged_dot")
+BASELINES = ("bf16_ragged_dot", "mxfp4_dequant_ragged_dot", "mosaic_gpu_ragged_dot",
+             "mxfp4_dequant_dense")
+# Short names of the table's columns (the JSON keeps the full ones).
+LABELS = {"ours_fwd_bwd": "ours fwd+bwd", "bf16_ragged_dot": "bf16+ragged", "mxfp4_dequant_ragged_dot": "dequant+ragged",
+          "mosaic_gpu_ragged_dot": "mosaic-gpu", "mxfp4_dequant_dense": "dequant+dense"}
+GPU_ONLY_BASELINES = ("mosaic_gpu_ragged_dot",)
+
+# Defaults per platform.  On a GPU: decode to prefill sizes and the GPU
+# baselines.  On CPU (the jnp path; a layer call is milliseconds, not
+# microseconds): a small T range, no roofline (HBM and tensor-core ceilings
+# are GPU facts), and the dequantise-inside-the-jit baselines, dense (every
+# expert for every token: what XLA:CPU runs fastest) and ragged.
+DEFAULTS = {
+    "gpu": dict(tokens=(1, 8, 64, 512, 4096, 16384), reps=20, routings=8, warmup=3,
+                baselines=("bf16_ragged_dot", "mxfp4_dequant_ragged_dot", "mosaic_gpu_ragged_dot")),
+    "cpu": dict(tokens=(1, 8, 64), reps=5, routings=1, warmup=1,
+                baselines=("mxfp4_dequant_dense", "mxfp4_dequant_ragged_dot")),
+}
+
+
+def platform_kind(device=None) -> str:
+    """"gpu" for an NVIDIA or AMD GPU, else "cpu" (the defaults' key)."""
+    dev = device or jax.devices()[0]
+    return "gpu" if dev.platform in ("gpu", "cuda", "rocm") else "cpu"
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +340,22 @@ def make_layers(p: Preset, w: MoEWeights, quant: str, baselines, backend: str,
             continue
         layers[name] = (over_routings(lambda d, x, tw, ids, mm=matmul: _layer_dense(
             x, tw, ids, d["w1t"], d["w2t"], d["b1"], d["b2"], p, mm)), dense)
+    if "mxfp4_dequant_dense" in baselines:
+        def dequant_dense_layer(w, x, tw, ids):
+            w1 = formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16)  # [E, 2I, H]
+            w2 = formats.dequantize_mxfp4(w.w2, w.w2_scale, jnp.bfloat16)  # [E, H, I]
+            h = jnp.einsum("th,enh->etn", x, w1, preferred_element_type=jnp.float32)
+            if w.b1 is not None:
+                h = h + w.b1[:, None, :]
+            a = jnp_layer.activation_fn(h, p.activation, p.gate_up).astype(x.dtype)
+            o = jnp.einsum("eti,ehi->eth", a, w2, preferred_element_type=jnp.float32)
+            if w.b2 is not None:
+                o = o + w.b2[:, None, :]
+            # each token's routing weight per expert (0 for experts it did not pick)
+            gate = jnp.zeros((x.shape[0], p.num_experts), jnp.float32).at[
+                jnp.arange(x.shape[0])[:, None], ids].add(tw)
+            return jnp.einsum("eth,te->th", o, gate).astype(x.dtype)
+        layers["mxfp4_dequant_dense"] = (over_routings(dequant_dense_layer), w)
     if "mxfp4_dequant_ragged_dot" in baselines:
         def dequant_layer(w, x, tw, ids):
             w1t = jnp.swapaxes(formats.dequantize_mxfp4(w.w1, w.w1_scale, jnp.bfloat16), 1, 2)
@@ -351,28 +390,64 @@ def _is_oom(e: Exception) -> bool:
 # Driver
 # ---------------------------------------------------------------------------
 
-def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, warmup: int = 3,
-        baselines=BASELINES, backend: str = "auto", layout: str = "auto", ceilings=None,
-        profile: bool = False, grad: bool = False, log=print) -> dict:
-    """Times ours and the baselines at each T. layout: the weight layout ours
-    reads; "auto" is the one its backend's kernels load best (LAYOUT_NAME)."""
+WIDTH = 120  # every line the bench prints fits this many columns
+
+
+def _wrapped(log):
+    """log, with "#" comment lines wrapped at WIDTH (table lines fit already)."""
+    import textwrap
+
+    def out(line):
+        if line.startswith("#") and len(line) > WIDTH:
+            for part in textwrap.wrap(line, WIDTH, subsequent_indent="#   "):
+                log(part)
+        else:
+            log(line)
+    return out
+
+
+def run(preset: str, tokens=None, quant: str = "a16w4", *, reps: int | None = None,
+        routings: int | None = None, warmup: int | None = None, baselines=None, backend: str = "auto",
+        layout: str = "auto", ceilings=None, profile: bool = False, grad: bool = False,
+        log=print) -> dict:
+    """Times ours and the baselines at each T. tokens, reps, baselines: None
+    takes the platform's DEFAULTS. layout: the weight layout ours reads;
+    "auto" is the one its backend's kernels load best (LAYOUT_NAME). On a GPU
+    every row also has the roofline from the measured ceilings; on CPU none.
+    grad: also ours_fwd_bwd, a forward and backward per call."""
     p = PRESETS[preset]
+    log = _wrapped(log)
     dev = jax.devices()[0]
-    gpu = dev.platform == "gpu"
-    if ceilings is None:
-        bws = bandwidth_probes(4 << 30 if gpu else 64 << 20)
-        peaks = matmul_probes(8192 if gpu else 512)
+    kind = platform_kind(dev)
+    gpu = kind == "gpu"
+    defaults = DEFAULTS[kind]
+    tokens = defaults["tokens"] if tokens is None else tokens
+    reps = defaults["reps"] if reps is None else reps
+    routings = defaults["routings"] if routings is None else routings
+    warmup = defaults["warmup"] if warmup is None else warmup
+    baselines = defaults["baselines"] if baselines is None else baselines
+    if not gpu:
+        baselines = tuple(b for b in baselines if b not in GPU_ONLY_BASELINES)
+    bw = peak = None
+    bws, peaks = {}, {}
+    if gpu and ceilings is None:
+        bws = bandwidth_probes(4 << 30)
+        peaks = matmul_probes(8192)
         log("# HBM probes: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bws.items())
             + "; bf16 probes: " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()))
         bw, peak = max(bws.values()), max(peaks.values())
-    else:
-        (bw, peak), bws, peaks = ceilings, {}, {}
+    elif gpu:
+        bw, peak = ceilings
     header = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                  preset=preset, quant=quant, reps=reps, routings=routings,
+                  preset=preset, quant=quant, reps=reps, routings=routings, baselines=list(baselines),
                   hbm_bytes_per_s=bw, bf16_flops_per_s=peak, hbm_probes=bws, bf16_probes=peaks)
-    log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
-        f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (best probes, measured; "
-        "every % below is against these)")
+    if gpu:
+        log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
+            f"HBM {bw / 1e12:.2f} TB/s, bf16 peak {peak / 1e12:.0f} TFLOP/s (best probes, measured; "
+            "every % below is against these)")
+    else:
+        log(f"# device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; no roofline "
+            "on CPU (HBM and bf16 ceilings are GPU facts): times and ratios only")
     from jax_mxfp4_moe.layer import primitive
     impl = primitive.choose_path(primitive.device_platform(dev), p.replace(quant=quant), backend)
     if layout == "auto":
@@ -382,6 +457,10 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
     log(f"# preset {preset}: E={p.num_experts} k={p.top_k} H={p.hidden} I={p.intermediate} "
         f"{p.activation.name}/{p.gate_up} bias={p.has_b1 or p.has_b2}; quant {quant}; ours = {impl} "
         f"({layout} weights); median of {reps} reps, each over up to {routings} routings")
+    log("# us per layer call; a baseline's (xR): its time over ours" + (
+        "; 1-by-1: ours with each call waited for" if gpu else ""))
+    columns = (("ours_fwd_bwd",) if grad else ()) + tuple(baselines)
+    log(format_header(columns, gpu))
     w = random_weights(p, jax.random.key(42))
     w_ours = w.to_layout(layout)  # once, as a user lays out weights at load time
     rows = []
@@ -391,7 +470,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
         ids, tw = random_routings(p, T, R, seed=T)
         nbytes = float(np.mean([touched_bytes(p, ids[r], T) for r in range(R)]))
         fl = flops(p, T)
-        roof = max(nbytes / bw, fl / peak)
+        roof = max(nbytes / bw, fl / peak) if gpu else None
         row = dict(T=T, routings=R, bytes=nbytes, flops=fl, roofline_s=roof, results={})
         layers = make_layers(p, w, quant, baselines, backend, w_ours, grad=grad)
         ids_d = tuple(jnp.asarray(a) for a in ids)
@@ -402,9 +481,11 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
                     raise params
                 times = _time_pipelined(fn, params, x, tw_d, ids_d, reps=reps, warmup=warmup)
                 t = statistics.median(times) / R
-                row["results"][name] = dict(status="ok", time_s=t, tb_s=nbytes / t / 1e12,
-                                            tflop_s=fl / t / 1e12, pct_roofline=100 * roof / t)
-                if name == "ours":
+                row["results"][name] = dict(status="ok", time_s=t)
+                if gpu:
+                    row["results"][name].update(tb_s=nbytes / t / 1e12, tflop_s=fl / t / 1e12,
+                                                pct_roofline=100 * roof / t)
+                if name == "ours" and gpu:  # the host's cost of a call is a GPU question
                     row["results"][name]["sync_time_s"] = statistics.median(
                         _time(fn, params, x, tw_d, ids_d, reps=reps, warmup=0)) / R
             except Exception as e:  # a baseline that cannot run is reported, not fatal
@@ -424,7 +505,7 @@ def run(preset: str, tokens, quant: str, *, reps: int = 20, routings: int = 8, w
             if name != "ours" and r.get("status") == "ok" and ours:
                 r["ratio_to_ours"] = r["time_s"] / ours
         rows.append(row)
-        log(format_row(row))
+        log(format_row(row, columns, gpu))
         del layers
         jax.clear_caches()
     return dict(header=header, rows=rows)
@@ -484,19 +565,56 @@ def run_mesh(preset: str, tokens, quant: str, mesh_shape, *, reps: int = 20, rou
                             timed=mesh is not None), rows=rows)
 
 
-def format_row(row) -> str:
-    parts = [f"T={row['T']:>6}  roofline {row['roofline_s'] * 1e6:9.1f} us"]
-    for name, r in row["results"].items():
-        if r["status"] != "ok":
-            parts.append(f"{name}: {r['status'].split(':')[0]}")
-            continue
-        s = f"{name}: {r['time_s'] * 1e6:9.1f} us {r['tb_s']:5.2f} TB/s {r['tflop_s']:6.1f} TF/s {r['pct_roofline']:5.1f}%"
-        if "sync_time_s" in r:
-            s += f" [one at a time {r['sync_time_s'] * 1e6:.1f} us]"
-        if "ratio_to_ours" in r:
-            s += f" (x{r['ratio_to_ours']:.1f})"
-        parts.append(s)
-    return " | ".join(parts)
+def _us(seconds) -> str:
+    """Microseconds with 4 significant digits, never a rounded-away zero."""
+    us = seconds * 1e6
+    return f"{us:.4g}" if us < 1e4 else f"{us:.0f}"
+
+
+# Column widths of the table: every line fits 120 characters with all the
+# GPU baselines (tests/test_bench.py checks it).
+_W = dict(T=6, us=9, pct=6, tbs=5, tfs=6, base=18)
+
+
+def format_header(baselines, gpu: bool) -> str:
+    cols = [f"{'T':>{_W['T']}}"]
+    if gpu:
+        cols += [f"{'roofline':>{_W['us']}}", f"{'ours us':>{_W['us']}}", f"{'%roof':>{_W['pct']}}",
+                 f"{'TB/s':>{_W['tbs']}}", f"{'TF/s':>{_W['tfs']}}", f"{'1-by-1 us':>{_W['us']}}"]
+    else:
+        cols += [f"{'ours us':>{_W['us']}}"]
+    cols += [f"{LABELS[b] + ' us':>{_W['base']}}" for b in baselines]
+    return " ".join(cols)
+
+
+def format_row(row, baselines=None, gpu: bool | None = None) -> str:
+    """One table line: ours (and, on a GPU, the roofline, % of it, TB/s and
+    TFLOP/s), ours timed one call at a time, each baseline with its ratio to ours."""
+    res = row["results"]
+    gpu = row.get("roofline_s") is not None if gpu is None else gpu
+    baselines = [n for n in res if n != "ours"] if baselines is None else baselines
+    ours = res.get("ours", {})
+    cols = [f"{row['T']:>{_W['T']}}"]
+    ok = ours.get("status") == "ok"
+    if gpu:
+        cols.append(f"{_us(row['roofline_s']):>{_W['us']}}")
+    cols.append(f"{(_us(ours['time_s']) if ok else ours.get('status', '-').split(':')[0]):>{_W['us']}}")
+    if gpu:
+        cols += [f"{ours['pct_roofline']:>{_W['pct'] - 1}.1f}%" if ok else " " * _W["pct"],
+                 f"{ours['tb_s']:>{_W['tbs']}.2f}" if ok else " " * _W["tbs"],
+                 f"{ours['tflop_s']:>{_W['tfs']}.1f}" if ok else " " * _W["tfs"]]
+    if gpu:
+        cols.append(f"{_us(ours['sync_time_s']) if 'sync_time_s' in ours else '-':>{_W['us']}}")
+    for name in baselines:
+        r = res.get(name)
+        if r is None:
+            cell = "-"
+        elif r["status"] != "ok":
+            cell = r["status"].split(":")[0]
+        else:
+            cell = _us(r["time_s"]) + (f" (x{r['ratio_to_ours']:.3g})" if "ratio_to_ours" in r else "")
+        cols.append(f"{cell:>{_W['base']}}")
+    return " ".join(cols)
 
 
 def plot(results: list, path: str) -> None:
@@ -514,9 +632,11 @@ def plot(results: list, path: str) -> None:
                 continue
             label = f"{h['preset']} {h['quant']} {name}"
             ax_t.plot([T for T, _ in pts], [r["time_s"] * 1e6 for _, r in pts], marker="o", label=label)
-            ax_p.plot([T for T, _ in pts], [r["pct_roofline"] for _, r in pts], marker="o", label=label)
-        ax_t.plot([row["T"] for row in res["rows"]], [row["roofline_s"] * 1e6 for row in res["rows"]],
-                  "k--", label=f"{h['preset']} roofline")
+            if all("pct_roofline" in r for _, r in pts):  # GPU rows only
+                ax_p.plot([T for T, _ in pts], [r["pct_roofline"] for _, r in pts], marker="o", label=label)
+        if all(row["roofline_s"] is not None for row in res["rows"]):
+            ax_t.plot([row["T"] for row in res["rows"]], [row["roofline_s"] * 1e6 for row in res["rows"]],
+                      "k--", label=f"{h['preset']} roofline")
     for ax, ylabel in ((ax_t, "time per layer call (us)"), (ax_p, "% of roofline")):
         ax.set_xscale("log")
         ax.set_xlabel("tokens T")
@@ -529,15 +649,42 @@ def plot(results: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows each option's default; options whose default depends on
+    the platform say so in their help (their default is None here)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jax_mxfp4_moe.tools.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="gpt-oss-120b", help=f"comma-separated; one of {sorted(PRESETS)}")
-    ap.add_argument("--tokens", default="1,8,64,512,4096,16384", help="comma-separated T values")
+    fmt = lambda d: ",".join(str(v) for v in d)  # noqa: E731
+    ap = argparse.ArgumentParser(
+        prog="python -m jax_mxfp4_moe.tools.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=_DefaultsFormatter)
+    ap.add_argument("--preset", default="gpt-oss-120b",
+                    help=f"comma-separated; of {', '.join(sorted(PRESETS))} "
+                         "(small: the CPU timing case, jnp path against dequantising inside the jit)")
+    ap.add_argument("--tokens", default=None,
+                    help=f"comma-separated T values (default: {fmt(DEFAULTS['gpu']['tokens'])} on a GPU, "
+                         f"{fmt(DEFAULTS['cpu']['tokens'])} on CPU)")
     ap.add_argument("--quant", default="a16w4", help="comma-separated: a16w4, a8w4, a4w4")
-    ap.add_argument("--reps", type=int, default=20, help="timed reps (median reported)")
-    ap.add_argument("--routings", type=int, default=8, help="routings rotated inside one rep")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset, or 'none'")
+    ap.add_argument("--reps", type=int, default=None,
+                    help=f"timed reps, median reported (default: {DEFAULTS['gpu']['reps']} on a GPU, "
+                         f"{DEFAULTS['cpu']['reps']} on CPU)")
+    ap.add_argument("--routings", type=int, default=None,
+                    help=f"routings rotated inside one rep (default: {DEFAULTS['gpu']['routings']} on a "
+                         f"GPU, {DEFAULTS['cpu']['routings']} on CPU)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help=f"untimed calls before timing (default: {DEFAULTS['gpu']['warmup']} on a GPU, "
+                         f"{DEFAULTS['cpu']['warmup']} on CPU)")
+    ap.add_argument("--baselines", default=None,
+                    help=f"comma-separated subset of {', '.join(BASELINES)}, or 'none' (default: "
+                         f"{fmt(DEFAULTS['gpu']['baselines'])} on a GPU, "
+                         f"{fmt(DEFAULTS['cpu']['baselines'])} on CPU)")
     ap.add_argument("--backend", default="auto", help="backend for ours (auto, jnp, cuda, rocm)")
     ap.add_argument("--layout", default="auto",
                     help="weight layout ours reads (auto: its backend's; canonical, sm90, gfx950)")
@@ -555,18 +702,24 @@ def main(argv=None) -> int:
     for name in presets:
         if name not in PRESETS:
             ap.error(f"--preset: unknown {name!r}; known: {sorted(PRESETS)}")
-    baselines = () if a.baselines == "none" else tuple(a.baselines.split(","))
-    for b in baselines:
+    baselines = (None if a.baselines is None else () if a.baselines == "none"
+                 else tuple(a.baselines.split(",")))
+    for b in baselines or ():
         if b not in BASELINES:
             ap.error(f"--baselines: unknown {b!r}; known: {BASELINES}")
-    tokens = [int(t) for t in a.tokens.split(",")]
+    kind = platform_kind()
+    tokens = (list(DEFAULTS[kind]["tokens"]) if a.tokens is None
+              else [int(t) for t in a.tokens.split(",")])
+    reps = DEFAULTS[kind]["reps"] if a.reps is None else a.reps
+    routings = DEFAULTS[kind]["routings"] if a.routings is None else a.routings
+    warmup = DEFAULTS[kind]["warmup"] if a.warmup is None else a.warmup
     if a.mesh:
         parts = a.mesh.lower().split("x")
         if len(parts) != 2 or not all(v.isdigit() and int(v) >= 1 for v in parts):
             ap.error(f"--mesh: expected EPxTP such as 4x2, got {a.mesh!r}")
         mesh_shape = (int(parts[0]), int(parts[1]))
-        mesh_results = [run_mesh(name, tokens, quant, mesh_shape, reps=a.reps, routings=a.routings,
-                                 warmup=a.warmup, backend=a.backend)
+        mesh_results = [run_mesh(name, tokens, quant, mesh_shape, reps=reps, routings=routings,
+                                 warmup=warmup, backend=a.backend)
                         for name in presets for quant in a.quant.split(",")]
         if a.json:
             with open(a.json, "w") as f:
@@ -575,11 +728,12 @@ def main(argv=None) -> int:
     results, ceilings = [], None
     for name in presets:
         for quant in a.quant.split(","):
-            res = run(name, tokens, quant, reps=a.reps, routings=a.routings, warmup=a.warmup,
+            res = run(name, tokens, quant, reps=reps, routings=routings, warmup=warmup,
                       baselines=baselines, backend=a.backend, layout=a.layout, ceilings=ceilings,
                       profile=a.profile, grad=a.grad)
             h = res["header"]
-            ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
+            if h["hbm_bytes_per_s"] is not None:  # measured once (GPU)
+                ceilings = (h["hbm_bytes_per_s"], h["bf16_flops_per_s"])
             results.append(res)
     if a.json:
         with open(a.json, "w") as f:

@@ -20,6 +20,7 @@ import argparse
 import re
 import sys
 
+from jax_mxfp4_moe.rocm import config as rocm_config
 from jax_mxfp4_moe.rocm.perf_model import HW, waves_per_simd
 
 # Per-CU / per-SIMD limits of CDNA3/CDNA4 (gfx942/gfx950): 512 VGPRs per lane
@@ -156,7 +157,8 @@ def model_report(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jax_mxfp4_moe.tools.report", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="gfx950", choices=sorted(ARCH_LIMITS))
+    p.add_argument("--arch", default=rocm_config.ARCHS[0], choices=rocm_config.ARCHS,
+                   help="the architectures kernels are shipped for (default: %(default)s)")
     p.add_argument("--model", action="store_true", help="print the MI355X performance model's report")
     p.add_argument("--flydsl", default=None, help="ROCm/FlyDSL snapshot (checkout or bare git repository) to "
                    "compare against; default $JAX_MXFP4_MOE_FLYDSL_SNAPSHOT")
@@ -165,9 +167,6 @@ def main(argv=None) -> int:
     p.add_argument("--quant", default="a4w4,a8w4")
     p.add_argument("--calibrate", action="store_true", help="refit the model's constants first (needs --flydsl)")
     args = p.parse_args(argv)
-    if args.arch != "gfx950":
-        print(f"no kernels are shipped for {args.arch}", file=sys.stderr)
-        return 2
     if args.model:
         return model_report(args)
     rows = report(args.arch)
