@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
 # device tool returns at most 8 files: run few steps per call).
-# usage: bench/gpu_session.sh STEP... (steps: build test presets bench bench_full bench_mx
+# usage: bench/gpu_session.sh STEP... (steps: build test test_all presets bench bench_full bench_mx
 #   bench_oss bench_ds sweep trace breakdown host_profile sanitize ncu cache_out)
 # A code cache brought back by cache_out (.jmcache.tgz, carried) is unpacked first.
 set -u
@@ -21,6 +21,19 @@ for step in "$@"; do
     test)  # launcher + CUDA backend, small shapes
       timeout ${T_TEST:-420} python3 -m pytest -q -rf -n 8 -m gpu tests/test_ffi_gpu.py tests/test_cuda_gpu.py \
         -k "not presets" 2>&1 | tee "$OUT/test.log" | tail -25
+      ;;
+    test_all)  # every GPU test file (forward, launcher, gradients, selfcheck) on 14
+      # workers with one BLAS thread each (their float64 oracles), beside
+      # memcheck of every grouped-matmul kernel (grad_session.py sanitize)
+      PYTHONPATH=$PWD:$PWD/tests timeout ${T_MEMCHECK:-330} compute-sanitizer --tool memcheck \
+        --error-exitcode 9 python3 bench/grad_session.py sanitize > "$OUT/memcheck_grad.log" 2>&1 &
+      memcheck=$!
+      OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 timeout ${T_TEST:-330} \
+        python3 -m pytest -q -rfE -n ${WORKERS:-14} -p no:cacheprovider -m gpu --junitxml "$OUT/tests.xml" \
+        tests/test_ffi_gpu.py tests/test_cuda_gpu.py tests/test_cuda_grad_gpu.py tests/test_selfcheck.py \
+        -k "not presets" > "$OUT/test.log" 2>&1
+      echo "tests rc $?"; tail -15 "$OUT/test.log" | cut -c1-300
+      wait $memcheck; echo "memcheck rc $?"; grep -E "rel err|ERROR SUMMARY|grad:" "$OUT/memcheck_grad.log" | tail -16
       ;;
     presets)  # one process: each preset's weights take up to 6 GB of the GPU (deepseek-v3)
       timeout ${T_PRESETS:-170} python3 -m pytest -q -rf -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \

@@ -61,8 +61,14 @@ def quantize_dequantize(v: jax.Array, quant) -> jax.Array:
     """Round activations through the mode's format (``spec.QuantMode``); float32."""
     v = v.astype(jnp.float32)
     if quant.act_format is None:
+        # (XLA:GPU may drop this f32 -> bf16 -> f32 pair; every consumer
+        # rounds its operand to bf16 again, so the result is the same.)
         return v.astype(jnp.bfloat16).astype(jnp.float32)
     q, s = formats.quantize(v, quant.act_format)
+    # The barrier keeps the rounding: XLA:GPU folds the E4M3 codes' bitcast
+    # pair and then, allowing excess precision (SimplifyFPConversions), the
+    # f32 -> f8e4m3fn -> f32 converts, so mxfp8 would not round at all there.
+    q, s = jax.lax.optimization_barrier((q, s))
     return formats.dequantize(q, s, quant.act_format)
 
 

@@ -138,7 +138,13 @@ def _placeholder(kind: str):
 
 def _build(module_name: str, arch: str, config: dict):
     """Compile in this process: (code object bytes, JSON metadata)."""
-    import flydsl.compiler as flyc
+    try:
+        import flydsl.compiler as flyc
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"compiling the gfx950 kernel {module_name} (the rocm lowering, also of an export "
+            f"for platforms that include 'rocm') needs FlyDSL: pip install "
+            f"'jax_mxfp4_moe[rocm]' ({e})") from e
 
     kb = kernel_module(module_name).build(**config)
     with tempfile.TemporaryDirectory() as dump, _flydsl_env(arch, dump), \
