@@ -27,6 +27,7 @@ import numpy as np
 
 from jax_mxfp4_moe.layer import api
 from jax_mxfp4_moe.tools import bench
+from warm_cache import weight_shapes  # bench/ is this script's sys.path[0]
 
 
 def forward(p, quant):
@@ -100,29 +101,13 @@ def _report(res, top=18):
                 print(f"#   {t * 1e6:8.1f} us  x{c:g}  {n[:110]}")
 
 
-def _weight_shapes(p, layout, scale_max=123):
-    from jax_mxfp4_moe.cuda import layout as sm90
-    from jax_mxfp4_moe.layer.weights import MoEWeights, canonical_shapes
-    if layout == sm90.NAME:
-        shapes = sm90.LAYOUT.shapes(num_experts=p.num_experts, hidden=p.hidden,
-                                    intermediate=p.intermediate)
-    else:
-        shapes = canonical_shapes(p.num_experts, p.hidden, p.intermediate)
-    arr = {n: jax.ShapeDtypeStruct(s, d or jnp.float32) for n, (s, d) in shapes.items()}
-    arr["b1"] = arr["b1"] if p.has_b1 else None
-    arr["b2"] = arr["b2"] if p.has_b2 else None
-    return MoEWeights(**arr, num_experts=p.num_experts, hidden=p.hidden,
-                      intermediate=p.intermediate, gate_up=p.gate_up, layout=layout,
-                      scale_max=scale_max)
-
-
 def warm(presets, tokens, quant, layout):
     """Lower (for CUDA, no GPU needed) the forward and forward + backward of
     each preset and T, and every grouped matmul the GPU tests launch."""
     t0 = time.time()
     for preset in presets:
         p = bench.PRESETS[preset]
-        w = _weight_shapes(p, layout)
+        w = weight_shapes(p, layout, scale_max=123)
         for T in tokens:
             sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
             args = (w, sds((T, p.hidden), jnp.bfloat16), (sds((T, p.top_k), jnp.float32),),
