@@ -197,6 +197,7 @@ def test_tile_table_choices(preset, T, quant):
         assert t.bm <= 64  # its A ring (4 slots x bm x 256 B) stays within 64 KB
     cols1 = ix.gemm1_cols(t.gemm1.tiles, t.gemm1.waves)
     assert cols1 % 32 == 0 and t.gemm1.k_splits == 1
+    assert ix.N_GRANULE % cols1 == 0  # a gemm1 block divides every padded I (the kernel refuses others)
     assert rocm_config.choose(tokens=T, quant=quant, deterministic=True, **dims).gemm2.k_splits == 1
     if T == 1:  # decode: every CU gets work from each GEMM
         Hp, Ip = ix.padded_dims(p.hidden, p.intermediate)

@@ -21,7 +21,15 @@ no MI355X was available to measure):
 - Prefill (T >= 512, or more rows per expert): BM = 64 (a8w4, whose A
   takes twice the LDS) or 128 (a4w4, two tiles per wave to stay within 256
   registers), four (two) tiles per wave: each weight tile serves 64 / 128
-  rows from L2.
+  rows from L2.  Waves and prefetch per GEMM (BM = 64: gemm1 4 waves,
+  prefetch 2; gemm2 8 waves, a 512-column block, prefetch 4.  BM = 128:
+  gemm1 8 waves, prefetch 4; gemm2 4 waves, prefetch 8) were chosen with
+  the performance model (``tools.report --model``) among the tiles that
+  meet the report's budgets (no scratch, LDS within half a CU, >= 2 waves
+  per SIMD) and, for gemm1, blocks of 128 columns (a block must divide
+  every padded I, a multiple of 128): at T = 4096 the layer models 9-18%
+  faster than with the earlier four-wave, prefetch-2 tiles
+  (bench/NOTES.md, issue 16).
 
 The sort contract's block size is BM (``spec.BLOCK_SIZES``).
 """
@@ -69,8 +77,8 @@ class Tiles:
 # (name, bm, gemm1, gemm2) in order of size; ``choose`` takes the first that fits.
 DECODE = Tiles(16, GemmTile(1, 4, 8, True), GemmTile(1, 2, 8, True), "decode")
 MID = Tiles(32, GemmTile(4, 4, 2, False), GemmTile(4, 4, 2, False), "mid")
-PREFILL = Tiles(64, GemmTile(4, 4, 2, False), GemmTile(4, 4, 2, False), "prefill")
-PREFILL_A4W4 = Tiles(128, GemmTile(2, 4, 2, False), GemmTile(2, 4, 2, False), "prefill128")
+PREFILL = Tiles(64, GemmTile(4, 4, 2, False), GemmTile(4, 8, 4, False), "prefill")
+PREFILL_A4W4 = Tiles(128, GemmTile(2, 8, 4, False), GemmTile(2, 4, 8, False), "prefill128")
 
 # Rows per expert (T * k / E) up to which a regime is used; prefill from PREFILL_TOKENS tokens.
 DECODE_MAX_ROWS = 4

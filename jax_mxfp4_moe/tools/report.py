@@ -33,13 +33,13 @@ ARCH_LIMITS = {
 }
 
 # Budgets every shipped kernel must meet: no scratch (no spills), LDS within
-# 64 KiB so that two GEMM blocks share a CU, SGPRs within what a gfx9 wave
-# addresses (102, + VCC, FLAT_SCRATCH and XNACK_MASK in the metadata's count:
-# 108), and registers leaving at least 2 waves per SIMD (128 VGPRs + AGPRs
-# outside the GEMMs).  A GEMM's waves per
+# half of gfx950's 160 KiB per CU (80 KiB) so that two GEMM blocks share a
+# CU, SGPRs within what a gfx9 wave addresses (102, + VCC, FLAT_SCRATCH and
+# XNACK_MASK in the metadata's count: 108), and registers leaving at least 2
+# waves per SIMD (128 VGPRs + AGPRs outside the GEMMs).  A GEMM's waves per
 # SIMD come from its tile (``rocm.config.min_waves_per_simd``: decode tiles
 # hide latency with waves, prefill tiles trade them for reuse).
-BUDGETS = dict(scratch=0, vgpr_agpr=128, sgpr=108, lds=64 * 1024, min_waves=2)
+BUDGETS = dict(scratch=0, vgpr_agpr=128, sgpr=108, lds=ARCH_LIMITS["gfx950"]["lds"] // 2, min_waves=2)
 _BM = re.compile(r"_bm(\d+)_")
 
 _COUNTED = {

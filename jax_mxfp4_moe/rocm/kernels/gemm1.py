@@ -77,6 +77,11 @@ def build(*, hidden, intermediate, num_experts, quant, activation, gate_up, has_
     fmt = spec.quant_mode(quant).act_format
     H, I, E = int(hidden), int(intermediate), int(num_experts)
     Hp, Ip = ix.padded_dims(H, I)
+    if Ip % cols:
+        # a block's weight tiles and output columns would run past the
+        # expert's 2 * Ip rows and the row's Ip columns
+        raise ValueError(f"tiles * waves: gemm1 blocks of {cols} columns must divide the padded intermediate "
+                         f"{Ip}, got {tiles} x {waves}")
     kblocks = Hp // ix.MFMA_K
     cfg = mainloop.Config(fmt=fmt, bm=bm, nt=tiles, waves=waves, prefetch=prefetch)
     block = ix.WAVE * waves
