@@ -1,8 +1,12 @@
 """Host-side checks of the gfx950 backend (no flydsl, no GPU): the weight
 pre-shuffle, the code-object metadata reader, the sort kernel's algorithm
-against the jnp sorter, grids, and the functional model of the kernels'
-index math against the NumPy reference."""
+against the jnp sorter (every block size), and the functional model of the
+kernels against the NumPy reference for every mode and tile variant, with
+negative controls.  Geometry, the quantiser's hardware sequence and the
+tile table: ``test_rocm_geometry.py``."""
 
+import dataclasses
+import functools
 import struct
 
 import jax.numpy as jnp
@@ -13,7 +17,8 @@ import accuracy
 import moe_cases
 from jax_mxfp4_moe.layer import layouts
 from jax_mxfp4_moe.numerics import reference, sorting
-from jax_mxfp4_moe.rocm import elf as rocm_elf, geometry as ix, layout as rocm_layout, functional_model as rocm_tile
+from jax_mxfp4_moe.rocm import config as rocm_config, elf as rocm_elf, functional_model as rocm_tile
+from jax_mxfp4_moe.rocm import geometry as ix, layout as rocm_layout
 
 
 # ------------------------------------------------------------ pre-shuffle
@@ -66,7 +71,8 @@ def test_layout_pack_unpack_round_trip(H, I, bias):
     packed = lay.pack({k: jnp.asarray(v) for k, v in canon.items()}, **dims)
     Hp, Ip = ix.padded_dims(H, I)
     assert packed["w1"].shape == (E, 2 * Ip // 16, Hp // 128, 64, 16)
-    assert packed["w2_scale"].shape == (E, Hp // 16, Ip // 128, 64)
+    q = ix.scale_chunks(Ip // 128)
+    assert packed["w2_scale"].shape == (E, Hp // 16, q, 64, ix.SCALE_STEPS)
     back = lay.unpack(packed, **dims)
     assert set(back) == set(canon)
     for k in canon:
@@ -74,6 +80,10 @@ def test_layout_pack_unpack_round_trip(H, I, bias):
     # padding is zeros (so padded K contributes nothing and padded rows are zero)
     w1_full, _ = rocm_layout.unshuffle(packed["w1"], packed["w1_scale"])
     assert not np.asarray(w1_full)[:, 2 * I:].any() and not np.asarray(w1_full)[:, :, H // 2:].any()
+    # packed scale bytes of steps past K (the last chunk's tail) are zero
+    kb = Ip // 128
+    tail = np.asarray(packed["w2_scale"])
+    assert not tail[:, :, -1, :, kb - (q - 1) * ix.SCALE_STEPS:].any()
 
 
 def test_moeweights_to_gfx950_and_back():
@@ -139,22 +149,24 @@ SORT_CASES = [
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize("T,k,E,mask", SORT_CASES)
-def test_sort_kernel_model_equals_jnp_sorter(T, k, E, mask, chunked):
+@pytest.mark.parametrize("T,k,E,mask,bm", [c + (32,) for c in SORT_CASES] + [
+    (c + (bm,)) for bm in (16, 64, 128) for c in (SORT_CASES[1], SORT_CASES[4])])
+def test_sort_kernel_model_equals_jnp_sorter(T, k, E, mask, chunked, bm):
     rng = np.random.default_rng(T * 31 + E)
     ids = rng.integers(-2, E + 3, (T, k)).astype(np.int32)  # includes out-of-range ids
     wts = rng.random((T, k)).astype(np.float32)
     expert_mask = None if mask is None else (np.arange(E) % 2 == 0).astype(np.int32)
-    got = rocm_tile.sort_model(ids, wts, num_experts=E, block_m=ix.BM, expert_mask=expert_mask, chunked=chunked)
-    want = sorting.moe_sort(jnp.asarray(ids), jnp.asarray(wts), num_experts=E, block_m=ix.BM,
+    got = rocm_tile.sort_model(ids, wts, num_experts=E, block_m=bm, expert_mask=expert_mask, chunked=chunked)
+    want = sorting.moe_sort(jnp.asarray(ids), jnp.asarray(wts), num_experts=E, block_m=bm,
                             expert_mask=None if expert_mask is None else jnp.asarray(expert_mask))
     names = ("sorted_token_ids", "sorted_weights", "sorted_expert_ids", "num_valid")
     for name, g, w in zip(names, got, want):
         np.testing.assert_array_equal(g, np.asarray(w), err_msg=name)
 
 
-def test_sort_model_contract_invariants():
-    T, k, E, BM = 40, 4, 8, ix.BM
+@pytest.mark.parametrize("BM", sorting.BLOCK_SIZES)
+def test_sort_model_contract_invariants(BM):
+    T, k, E = 40, 4, 8
     rng = np.random.default_rng(5)
     ids = rng.integers(0, E, (T, k)).astype(np.int32)
     ids[3, 1] = E  # dropped
@@ -168,19 +180,6 @@ def test_sort_model_contract_invariants():
     assert (se[nv[0] // BM:] == -1).all() and (sw[: nv[0]][~valid] == 0).all()
 
 
-# ----------------------------------------------------------------- grids
-@pytest.mark.parametrize("T,k,E", [(1, 4, 128), (1000, 8, 256), (7, 2, 3)])
-def test_grids_cover_the_work(T, k, E):
-    Hp, Ip = ix.padded_dims(2880, 2880)
-    nblocks = sorting.num_blocks(T, k, E, ix.BM)
-    assert nblocks * ix.BM >= sorting.sorted_size(T, k, E, ix.BM) > (nblocks - 1) * ix.BM
-    assert ix.gemm1_grid(nblocks, Ip) == (Ip // ix.BN, nblocks, 1)  # (n_tiles, row_blocks, k_splits)
-    assert ix.gemm2_grid(nblocks, Hp) == (Hp // ix.BN, nblocks, 1)
-    g = ix.quant_grid(T, Hp)[0]
-    assert g * ix.QUANT_BLOCK >= T * Hp // 32 > (g - 1) * ix.QUANT_BLOCK
-    assert (Hp, Ip) == (2944, 2944) and ix.padded_dims(7168, 2048) == (7168, 2048)
-
-
 # ------------------------------------------------- functional tile model
 MODEL_CASES = [
     # shape, gate_up, activation, quant, bias
@@ -191,15 +190,60 @@ MODEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,gate_up,activation,quant,bias", MODEL_CASES)
-def test_kernel_model_matches_reference(shape, gate_up, activation, quant, bias):
+def _tile_variants():
+    """Every tiling the table ships (by regime and mode), plus gemm2 K splits."""
+    out = []
+    for quant in ("a4w4", "a8w4"):
+        for t in rocm_config.regimes(quant):
+            out.append((quant, t))
+        out.append((quant, dataclasses.replace(rocm_config.DECODE, gemm2=dataclasses.replace(
+            rocm_config.DECODE.gemm2, k_splits=2), name="decode-ks2")))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _model_case(quant, case):
+    """(inputs, gfx950 weights, reference output) of MODEL_CASES' ``case``-th case of ``quant``."""
+    shape, gate_up, activation, _, bias = [c for c in MODEL_CASES if c[3] == quant][case]
     w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias)
     x, tw, ti = moe_cases.make_tokens(shape, 9)
     ti = np.asarray(ti).copy()
     ti[0, 0] = shape.E + 1  # an id that is "not here"
-    y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), ti,
-                            quant=quant, activation=activation)
     ref = reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation=activation)
+    return (np.asarray(x), np.asarray(tw), ti), w.to_layout("gfx950"), activation, ref
+
+
+@pytest.mark.parametrize("quant,tiles", _tile_variants(), ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize("case", range(2))
+def test_kernel_model_matches_reference_for_every_tile_variant(quant, tiles, case):
+    (x, tw, ti), wl, activation, ref = _model_case(quant, case)
+    y = rocm_tile.moe_model(x, wl, tw, ti, quant=quant, activation=activation, tiles=tiles)
+    accuracy.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("quant", ["a4w4", "a8w4"])
+def test_kernel_model_deterministic_mode_matches_reference(quant):
+    shape, gate_up, activation, _, bias = [c for c in MODEL_CASES if c[3] == quant][1]
+    w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias)
+    x, tw, ti = moe_cases.make_tokens(shape, 7)
+    ref = reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation=activation)
+    y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), np.asarray(ti), quant=quant,
+                            activation=activation, deterministic=True, tiles=rocm_config.MID)
+    accuracy.assert_close(y, ref)
+
+
+def test_kernel_model_with_an_expert_mask():
+    shape, gate_up, activation, quant, bias = MODEL_CASES[3]
+    w = moe_cases.make_weights(shape, gate_up=gate_up, bias=bias)
+    x, tw, ti = moe_cases.make_tokens(shape, 6)
+    mask = np.array([1, 0, 1, 1], np.int32)
+    local = [e for e in range(shape.E) if mask[e]]
+    wl = dataclasses.replace(w, **{k: (None if v is None else np.asarray(v)[local]) for k, v in w.arrays().items()},
+                             num_experts=len(local))
+    y = rocm_tile.moe_model(np.asarray(x), wl.to_layout("gfx950"), np.asarray(tw), np.asarray(ti), quant=quant,
+                            activation=activation, expert_mask=mask, tiles=rocm_config.MID)
+    ti_local = np.where(mask[np.asarray(ti)] == 1, np.cumsum(mask)[np.asarray(ti)] - 1, shape.E + 5)
+    ref = reference.moe(np.asarray(x), wl, tw, ti_local, quant=quant, activation=activation)
     accuracy.assert_close(y, ref)
 
 
@@ -218,17 +262,53 @@ def test_operand_placement_covers_each_k_once():
             assert ix.scale_lane(ix.operand_row(lane), ix.operand_kblock(lane)) == lane
 
 
-def test_kernel_model_catches_a_wrong_lane_to_k_mapping(monkeypatch):
-    """Negative control: a plausible indexing bug must fail the same bound."""
-    shape = moe_cases.Shape("even", E=2, k=2, H=256, I=128)
+def _model_error(quant, tiles=None, intermediate=256):
+    shape = moe_cases.Shape("even", E=2, k=2, H=512, I=intermediate)
     w = moe_cases.make_weights(shape, gate_up="separated", bias=False)
     x, tw, ti = moe_cases.make_tokens(shape, 4)
-    ref = reference.moe(np.asarray(x), w, tw, ti, quant="a8w4", activation="silu")
+    ref = reference.moe(np.asarray(x), w, tw, ti, quant=quant, activation="silu")
+    y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), np.asarray(ti), quant=quant,
+                            activation="silu", tiles=tiles or rocm_config.MID)
+    return y, ref
+
+
+# Negative controls: each plausible indexing bug below must fail the same bound.
+def test_kernel_model_catches_a_wrong_lane_to_k_mapping(monkeypatch):
     # fp8 operands read as 32 consecutive K elements per lane (the fp4 placement)
-    monkeypatch.setattr(ix, "operand_chunks", lambda lane, fmt: [((lane // 16) * 32, 32)] if fmt == "mxfp8"
-                        else [((lane // 16) * 16, 16)])
-    y = rocm_tile.moe_model(np.asarray(x), w.to_layout("gfx950"), np.asarray(tw), np.asarray(ti),
-                            quant="a8w4", activation="silu")
+    monkeypatch.setattr(ix, "operand_chunks", lambda lane, fmt: [((lane // 16) * 32, 16), ((lane // 16) * 32 + 16, 16)]
+                        if fmt == "mxfp8" else [((lane // 16) * 16, 16)])
+    y, ref = _model_error("a8w4")
+    with pytest.raises(AssertionError):
+        accuracy.assert_close(y, ref)
+
+
+def test_kernel_model_catches_a_swizzle_the_reads_do_not_undo(monkeypatch):
+    # the DMA lanes write swizzled, the ds_read lanes read unswizzled
+    real = ix.lds_chunk
+    dma_lane = ix.dma_lane
+    monkeypatch.setattr(ix, "lds_chunk", lambda row, chunk, fmt: chunk)
+    monkeypatch.setattr(ix, "dma_lane", lambda op, lane, fmt: (
+        dma_lane(op, lane, fmt)[0], real(dma_lane(op, lane, fmt)[0], lane % (ix.stage_row_bytes(fmt) // 16), fmt)))
+    y, ref = _model_error("a4w4")
+    with pytest.raises(AssertionError):
+        accuracy.assert_close(y, ref)
+
+
+def test_kernel_model_catches_the_scale_byte_of_the_wrong_step(monkeypatch):
+    # op_sel picks byte (step + 1) % 4 of the packed dword
+    real = rocm_tile._dword_byte
+    monkeypatch.setattr(rocm_tile, "_dword_byte", lambda flat, off, sel, limit=None: real(flat, off, (sel + 1) % 4, limit))
+    y, ref = _model_error("a4w4")
+    with pytest.raises(AssertionError):
+        accuracy.assert_close(y, ref)
+
+
+def test_kernel_model_catches_overlapping_k_splits(monkeypatch):
+    # every split starts at step 0
+    real = ix.k_split_range
+    monkeypatch.setattr(ix, "k_split_range", lambda s, kblocks, k_splits: (0, real(s, kblocks, k_splits)[1]))
+    t = dataclasses.replace(rocm_config.DECODE, gemm2=dataclasses.replace(rocm_config.DECODE.gemm2, k_splits=2))
+    y, ref = _model_error("a4w4", t, intermediate=1024)  # 8 K steps: two splits of 4
     with pytest.raises(AssertionError):
         accuracy.assert_close(y, ref)
 

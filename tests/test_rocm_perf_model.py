@@ -74,11 +74,13 @@ def test_bench_routing_has_a_shared_expert_and_top_k_picks():
 
 # ---------------------------------------------------------------- placement
 def test_live_row_blocks_spread_over_the_xcds():
-    # (n_tiles, row_blocks) = (23, 128) with 4 live row blocks: the live ids are 0..91, which go
-    # round-robin over the 8 XCDs (row blocks on grid.x = 128 put them all on XCDs 0-3)
-    ids = pm._live_2d(4, 23, 128)()
-    assert sorted(ids) == list(range(92))
-    assert pm.live_per_xcd(ids) == (12, 12, 12, 12, 11, 11, 11, 11)
+    # (n_tiles, row_blocks, k_splits) = (24, 128, 1), 23 real N tiles, with 4 live row blocks:
+    # 92 live ids, round-robin over the 8 XCDs (row blocks on grid.x = 128 put them all on XCDs 0-3)
+    ids = pm._live_3d(4, 23, (24, 128, 1))()
+    assert sorted(ids) == sorted(x + 24 * y for y in range(4) for x in range(23))
+    assert pm.live_per_xcd(ids) == (12, 12, 12, 12, 12, 12, 12, 8)
+    # the K splits of a gemm2 double the live ids
+    assert len(pm._live_3d(4, 23, (24, 128, 2))()) == 184
     assert pm.live_per_xcd([x * 128 + y for y in range(4) for x in range(23)]) == (23,) * 4 + (0,) * 4
     assert pm.live_per_xcd(range(16)) == (2,) * 8
 

@@ -6,6 +6,11 @@ Pipeline (docs/DESIGN.md §3), launches on XLA's stream:
     ->  gemm1 (gather, scaled MFMA, act, requant, sorted order)  ->  gemm2
     (scaled MFMA, weighted bf16 atomics into y [T, Hp], zeroed by the launcher)
 
+The tile table (``rocm.config.tiles_for``: T is static under jit) picks the
+GEMMs' row block BM, which is also the sort's block size, their tiles and
+gemm2's K splits; the GEMM grids are (n_tiles, row_blocks, k_splits) with
+only the row blocks the routing can fill (``ix.max_row_blocks``).
+
 Kernels are compiled at trace time for the device's arch, or taken from the
 on-disk cache (``rocm.compile``); with a warm cache neither flydsl nor torch
 is imported.  Weights must be (or are converted, traceably, to) the
@@ -26,8 +31,8 @@ import jax.numpy as jnp
 from jax_mxfp4_moe import spec as layer_spec
 from jax_mxfp4_moe.numerics import sorting
 from jax_mxfp4_moe.rocm import geometry as ix
-from jax_mxfp4_moe.rocm.config import (ARCHS, NT_MAX_TOKENS, QUANTS, SORT_BLOCK_M, gemm1_config,
-                                       gemm2_config, quant_config, sort_config)
+from jax_mxfp4_moe.rocm import config as rocm_config
+from jax_mxfp4_moe.rocm.config import ARCHS, QUANTS, gemm1_config, gemm2_config, quant_config, sort_config
 from jax_mxfp4_moe.rocm.layout import NAME as LAYOUT_NAME  # registers the gfx950 layout
 from jax_mxfp4_moe.runtime import ffi
 
@@ -89,16 +94,17 @@ def _kernel(module, config, arch):
     return ffi.Kernel(co.code_hash, co.name, block=co.block, shared_mem=0, params=co.params)
 
 
-def sort(topk_ids, topk_weights, *, num_experts, expert_mask=None, arch="gfx950"):
-    """Sort kernel(s): sorting.SortResult of the docs/DESIGN.md §3 contract (BM = 32).
+def sort(topk_ids, topk_weights, *, num_experts, block_m, expert_mask=None, arch="gfx950"):
+    """Sort kernel(s): sorting.SortResult of the docs/DESIGN.md §3 contract
+    (blocks of ``block_m`` rows: the GEMMs' BM, rocm/config.py).
 
     One launch (stage "oneshot") up to ``SORT_ONESHOT_MAX_ENTRIES`` routed
     entries, else three: "count" (per-chunk counts), "offsets" (offsets and
     fills), "scatter" (per chunk)."""
     T, k = topk_ids.shape
     E = int(num_experts)
-    P = sorting.sorted_size(T, k, E, SORT_BLOCK_M)
-    nblocks = -(-P // SORT_BLOCK_M)
+    P = sorting.sorted_size(T, k, E, block_m)
+    nblocks = -(-P // block_m)
     has_mask = expert_mask is not None
     mask = jnp.asarray(expert_mask).astype(jnp.int32) if has_mask else None
     ids = topk_ids.astype(jnp.int32)
@@ -107,8 +113,8 @@ def sort(topk_ids, topk_weights, *, num_experts, expert_mask=None, arch="gfx950"
     sorted_types = [i32(P), jax.ShapeDtypeStruct((P,), jnp.float32), i32(nblocks), i32(2)]
 
     def kernel(stage):
-        return _kernel("sort", sort_config(num_experts=E, top_k=k, has_mask=has_mask, stage=stage),
-                       arch)
+        return _kernel("sort", sort_config(num_experts=E, top_k=k, has_mask=has_mask, block_m=block_m,
+                                           stage=stage), arch)
 
     if T * k <= ix.SORT_ONESHOT_MAX_ENTRIES:
         out = ffi.launch(kernel("oneshot"), ix.sort_grid(),
@@ -131,17 +137,18 @@ def sort(topk_ids, topk_weights, *, num_experts, expert_mask=None, arch="gfx950"
 
 
 def quantize(x, fmt, *, arch="gfx950"):
-    """Quant kernel: x [T, K] (K a multiple of 32) -> (elements u8, scales u8 [T, K/32])."""
+    """Quant kernel: x [T, K] (K a multiple of 128) -> (elements u8 [T, K/2 or K],
+    scales u8 [T, act_scale_row_bytes(K)] packed as the GEMMs load them:
+    ``layout.unpack_act_scales`` gives [T, K/32])."""
     layer_spec.mx_format(fmt)
     T, K = x.shape
     in_dtype = "bf16" if x.dtype == jnp.bfloat16 else "f32"
     xin = x.astype(jnp.bfloat16 if in_dtype == "bf16" else jnp.float32)
     kernel = _kernel("quant", quant_config(cols=K, fmt=fmt, in_dtype=in_dtype), arch)
-    row_bytes = K * layer_spec.MX_FORMATS[fmt].elem_bits // 8
     q, s = ffi.launch(
         kernel, ix.quant_grid(T, K), [xin, ffi.Out(0), ffi.Out(1), T],
-        [jax.ShapeDtypeStruct((T, row_bytes), jnp.uint8),
-         jax.ShapeDtypeStruct((T, K // layer_spec.MX_BLOCK), jnp.uint8)],
+        [jax.ShapeDtypeStruct((T, ix.row_bytes(K, fmt)), jnp.uint8),
+         jax.ShapeDtypeStruct((T, ix.act_scale_row_bytes(K)), jnp.uint8)],
         name="moe_quant")
     return q, s
 
@@ -150,34 +157,54 @@ def _bias(b):
     return None if b is None else b.astype(jnp.float32)  # absent: a NULL pointer
 
 
-def gemm1(xq, xs, w, s, *, layer, tokens, nt, arch="gfx950"):
-    """gemm1 kernel: sorted intermediate (elements u8 [P, Ip(/2)], scales u8 [P, Ip/32])."""
+def row_blocks(tokens, top_k, num_experts, bm):
+    """Row blocks a GEMM launches: the most the routing can fill (T is static under jit)."""
+    return ix.max_row_blocks(tokens * top_k, num_experts, bm)
+
+
+def _sort_experts(s, bm, tokens, top_k):
+    """The expert count the sort laid out (from the static shapes of its result)."""
+    P = s.sorted_token_ids.shape[0]
+    return (P - tokens * top_k + top_k) // bm
+
+
+def _live_blocks(s, bm, tokens, top_k):
+    return min(s.sorted_expert_ids.shape[0], row_blocks(tokens, top_k, _sort_experts(s, bm, tokens, top_k), bm))
+
+
+def gemm1(xq, xs, w, s, *, layer, tokens, tiles, arch="gfx950"):
+    """gemm1 kernel: sorted intermediate (elements u8 [P, Ip(/2)], packed
+    scales u8 [P, act_scale_row_bytes(Ip)]); ``tiles``: rocm_config.Tiles."""
     _, Ip = ix.padded_dims(layer.hidden, layer.intermediate)
     P = s.sorted_token_ids.shape[0]
-    kernel = _kernel("gemm1", gemm1_config(layer, nt=nt), arch)
-    inter_bytes = Ip * layer_spec.MX_FORMATS[layer.mode.act_format].elem_bits // 8
+    kernel = _kernel("gemm1", gemm1_config(layer, tiles), arch)
+    grid = ix.gemm_grid(2 * Ip, _live_blocks(s, tiles.bm, tokens, layer.top_k), tiles.gemm1.tiles,
+                        tiles.gemm1.waves)
     inter, inter_s = ffi.launch(
-        kernel, ix.gemm1_grid(s.sorted_expert_ids.shape[0], Ip),
+        kernel, grid,
         [xq, xs, w.w1, w.w1_scale, _bias(w.b1), s.sorted_token_ids, s.sorted_expert_ids,
          s.num_valid, ffi.Out(0), ffi.Out(1), tokens],
-        [jax.ShapeDtypeStruct((P, inter_bytes), jnp.uint8),
-         jax.ShapeDtypeStruct((P, Ip // layer_spec.MX_BLOCK), jnp.uint8)],
+        [jax.ShapeDtypeStruct((P, ix.row_bytes(Ip, layer.mode.act_format)), jnp.uint8),
+         jax.ShapeDtypeStruct((P, ix.act_scale_row_bytes(Ip)), jnp.uint8)],
         name="moe_gemm1")
     return inter, inter_s
 
 
-def gemm2(inter, inter_s, w, s, *, layer, tokens, nt, deterministic=False, arch="gfx950"):
+def gemm2(inter, inter_s, w, s, *, layer, tokens, tiles, deterministic=False, arch="gfx950"):
     """gemm2 kernel: y [T, Hp] (bf16 from atomic adds; f32 summed over slots in
-    order if deterministic)."""
-    Hp, _ = ix.padded_dims(layer.hidden, layer.intermediate)
+    order if deterministic: the same code object, told by its last argument)."""
+    Hp, Ip = ix.padded_dims(layer.hidden, layer.intermediate)
     k = layer.top_k
-    kernel = _kernel("gemm2", gemm2_config(layer, nt=nt, deterministic=deterministic), arch)
+    tile = rocm_config.gemm2_tile(tiles, deterministic=deterministic)
+    kernel = _kernel("gemm2", gemm2_config(layer, tiles, deterministic=deterministic), arch)
     out_type = (jax.ShapeDtypeStruct((tokens * k, Hp), jnp.float32) if deterministic
                 else jax.ShapeDtypeStruct((tokens, Hp), jnp.bfloat16))
+    splits = ix.k_splits_used(Ip // ix.MFMA_K, tile.k_splits)
+    grid = ix.gemm_grid(Hp, _live_blocks(s, tiles.bm, tokens, k), tile.tiles, tile.waves, splits)
     (y,) = ffi.launch(
-        kernel, ix.gemm2_grid(s.sorted_expert_ids.shape[0], Hp),
+        kernel, grid,
         [inter, inter_s, w.w2, w.w2_scale, _bias(w.b2), s.sorted_token_ids, s.sorted_weights,
-         s.sorted_expert_ids, s.num_valid, ffi.Out(0), tokens],
+         s.sorted_expert_ids, s.num_valid, ffi.Out(0), tokens, k if deterministic else 0],
         [out_type], zero_outputs=(0,), name="moe_gemm2")
     if deterministic:  # one row per (token, slot): sum the slots in order
         y = y.reshape(tokens, k, Hp).sum(axis=1)
@@ -203,14 +230,15 @@ def moe(x, weights, topk_weights, topk_ids, expert_mask=None, *, spec, determini
     if T == 0:
         return jnp.zeros((0, H), x.dtype)
     Hp, _ = ix.padded_dims(H, w.intermediate)
-    nt = T <= NT_MAX_TOKENS
+    tiles = rocm_config.tiles_for(spec, T, deterministic=deterministic)
     n_sort = w.num_experts if expert_mask is None else int(jnp.shape(expert_mask)[0])
-    s = sort(topk_ids, topk_weights, num_experts=n_sort, expert_mask=expert_mask, arch=arch)
+    s = sort(topk_ids, topk_weights, num_experts=n_sort, block_m=tiles.bm, expert_mask=expert_mask,
+             arch=arch)
     xin = x if x.dtype in (jnp.bfloat16, jnp.float32) else x.astype(jnp.float32)
     if Hp != H:  # zero columns form whole zero MX blocks
         xin = jnp.pad(xin, ((0, 0), (0, Hp - H)))
     xq, xs = quantize(xin, spec.mode.act_format, arch=arch)
-    inter, inter_s = gemm1(xq, xs, w, s, layer=spec, tokens=T, nt=nt, arch=arch)
-    y = gemm2(inter, inter_s, w, s, layer=spec, tokens=T, nt=nt, deterministic=deterministic,
+    inter, inter_s = gemm1(xq, xs, w, s, layer=spec, tokens=T, tiles=tiles, arch=arch)
+    y = gemm2(inter, inter_s, w, s, layer=spec, tokens=T, tiles=tiles, deterministic=deterministic,
               arch=arch)
     return y[:, :H].astype(x.dtype)

@@ -11,7 +11,8 @@ object the same way:
 - ``k_loop(prog)`` / ``steady_region(prog)``: the K loop (the loop holding
   the most MFMAs) and the instructions of its steady state; a kernel whose
   K loop is fully unrolled has no loop, and its steady state is the range
-  from its first to its last MFMA.
+  from its first MFMA to the last load before its last MFMA (within one
+  straight-line K range).
 - ``class_counts``, ``mfma_share``, ``drain_waits``, ``loads_in_flight``,
   ``epilogue``: the properties a review of a GEMM asks for (MFMA share of
   the steady loop, full-drain waits, loads in flight across the MFMA
@@ -258,13 +259,19 @@ def steady_region(prog: Program) -> tuple:
     The K loop's body when there is one.  For a fully unrolled K loop, the
     instructions from the first MFMA to the last vector-memory load issued
     before the last MFMA: the stretch in which the K stream is still
-    loading (the last K step, which can only drain, is its tail)."""
+    loading (the last K step, which can only drain, is its tail).  That
+    stretch ends at the first branch after the first MFMA: a K-split kernel
+    holds one unrolled copy of the K loop per split range, and the steady
+    state is one copy, not the join of two."""
     lp = k_loop(prog)
     if lp is not None:
         return lp.body(prog)
     idx = [i.index for i in prog.instrs if i.klass == "mfma"]
     if not idx:
         return ()
+    cut = next((j for j in range(idx[0], idx[-1]) if prog.instrs[j].klass == "branch"), None)
+    if cut is not None:
+        idx = [i for i in idx if i < cut]
     loads = [i.index for i in prog.instrs[idx[0] : idx[-1]] if i.klass == "vmem_load"]
     end = loads[-1] if loads else idx[-1]
     return prog.instrs[idx[0] : end + 1]

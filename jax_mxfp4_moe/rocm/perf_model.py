@@ -695,14 +695,15 @@ def glue(stage: str, nbytes: float, note: str) -> Launch:
     return Launch(stage, None, fixed_us=HW["launch_ramp_us"].value, hbm_bytes=nbytes, note=note)
 
 
-def sort_launches(tokens: int, top_k: int, experts: int) -> list[Launch]:
-    """This project's sort kernel(s) for a call (one launch, or three past SORT_ONESHOT_MAX_ENTRIES)."""
+def sort_launches(tokens: int, top_k: int, experts: int, bm: int) -> list[Launch]:
+    """This project's sort kernel(s) for a call with blocks of ``bm`` rows
+    (one launch, or three past SORT_ONESHOT_MAX_ENTRIES)."""
     from . import config as rocm_config
     from . import geometry as ix
 
     n = tokens * top_k
-    bm = rocm_config.SORT_BLOCK_M
-    cfg = lambda st: rocm_config.sort_config(num_experts=experts, top_k=top_k, has_mask=False, stage=st)  # noqa: E731
+    cfg = lambda st: rocm_config.sort_config(num_experts=experts, top_k=top_k, has_mask=False,  # noqa: E731
+                                             block_m=bm, stage=st)
     small = 4 * n * 2 + (n + experts * bm) * 8
     if n <= ix.SORT_ONESHOT_MAX_ENTRIES:
         return [Launch("sort", _ours_code("sort", cfg("oneshot")), ix.sort_grid(),
@@ -719,10 +720,14 @@ def sort_launches(tokens: int, top_k: int, experts: int) -> list[Launch]:
     ]
 
 
-def _live_2d(rows_live: int, grid_x: int, grid_y: int):
-    """Ids of an (N tile, row block) grid's live workgroups: row block y <
-    rows_live, every N tile x (x fastest)."""
-    return lambda: [x + y * grid_x for y in range(min(rows_live, grid_y)) for x in range(grid_x)]
+def _live_3d(rows_live: int, n_live: int, grid):
+    """Ids of an (N tile, row block, K split) grid's live workgroups: row
+    block y < rows_live, N tile x < n_live (the tiles past N, padding the
+    tile count to a multiple of the XCDs, exit at once), every split (x
+    fastest)."""
+    gx, gy, gz = grid
+    return lambda: [x + gx * (y + gy * z) for z in range(gz) for y in range(min(rows_live, gy))
+                    for x in range(min(n_live, gx))]
 
 
 def ours_launches(preset: str, tokens: int, quant: str, *, routing: Routing | None = None) -> list[Launch]:
@@ -735,38 +740,45 @@ def ours_launches(preset: str, tokens: int, quant: str, *, routing: Routing | No
     E, k, H, I = p.num_experts, p.top_k, p.hidden, p.intermediate
     T = int(tokens)
     Hp, Ip = ix.padded_dims(H, I)
-    nt = T <= rocm_config.NT_MAX_TOKENS
-    variants = rocm_config.variants(p.replace(quant=quant), nt=nt, in_dtype="bf16")
+    layer = p.replace(quant=quant)
+    tiles = rocm_config.tiles_for(layer, T)
+    bm = tiles.bm
+    variants = rocm_config.variants(layer, tiles=tiles, in_dtype="bf16")
     a_bytes = 1.0 if quant == "a8w4" else 0.5
     routing = routing or Routing.uniform(E, k)
-    rows, touched = expected_row_blocks(T, routing, ix.BM)
+    rows, touched = expected_row_blocks(T, routing, bm)
     live_rows = math.ceil(rows - 1e-9)
-    P = sorting.sorted_size(T, k, E, ix.BM)
-    nblocks = -(-P // ix.BM)
+    P = sorting.sorted_size(T, k, E, bm)
+    blocks = min(-(-P // bm), ix.max_row_blocks(T * k, E, bm))  # the grid's row blocks (rocm.backend)
     kst1, kst2 = Hp // ix.MFMA_K, Ip // ix.MFMA_K
     w1_bytes = 2 * Ip * Hp * BYTES_PER_WEIGHT
     w2_bytes = Hp * Ip * BYTES_PER_WEIGHT
     out = []
     if Hp != H:
         out.append(glue("glue", T * (H + Hp) * 2, "XLA pad of x to the kernels' H"))
-    out += sort_launches(T, k, E)
+    out += sort_launches(T, k, E, bm)
     mod, cfg = variants["quant"]
     out.append(Launch("quant", _ours_code(mod, cfg), ix.quant_grid(T, Hp),
                       hbm_bytes=T * Hp * (2 + a_bytes + 1 / 32)))
-    g1x, g1y, _ = ix.gemm1_grid(nblocks, Ip)
+    t1 = tiles.gemm1
+    grid1 = ix.gemm_grid(2 * Ip, blocks, t1.tiles, t1.waves)
     mod, cfg = variants["gemm1"]
     out.append(Launch(
-        "gemm1", _ours_code(mod, cfg), (g1x, g1y, 1), live_ids=_live_2d(live_rows, g1x, g1y),
-        trips=k_loop_trips(ix.M_TILES * ix.G1_TILES_PER_WAVE * kst1),
-        hbm_bytes=touched * w1_bytes + T * Hp * (a_bytes + 1 / 32) + live_rows * ix.BM * Ip * (a_bytes + 1 / 32)))
+        "gemm1", _ours_code(mod, cfg), grid1,
+        live_ids=_live_3d(live_rows, -(-2 * Ip // ix.block_rows(t1.tiles, t1.waves)), grid1),
+        trips=k_loop_trips(bm // ix.MFMA_M * t1.tiles * kst1),
+        hbm_bytes=touched * w1_bytes + T * Hp * (a_bytes + 1 / 32) + live_rows * bm * Ip * (a_bytes + 1 / 32)))
     out.append(glue("glue", T * Hp * 2, "memset of y before gemm2's atomics"))
-    g2x, g2y, _ = ix.gemm2_grid(nblocks, Hp)
+    t2 = tiles.gemm2
+    splits = ix.k_splits_used(kst2, t2.k_splits)
+    grid2 = ix.gemm_grid(Hp, blocks, t2.tiles, t2.waves, splits)
     mod, cfg = variants["gemm2"]
     out.append(Launch(
-        "gemm2", _ours_code(mod, cfg), (g2x, g2y, 1), live_ids=_live_2d(live_rows, g2x, g2y),
-        trips=k_loop_trips(ix.M_TILES * 2 * kst2),
-        hbm_bytes=touched * w2_bytes + live_rows * ix.BM * Ip * (a_bytes + 1 / 32) + 2 * T * Hp * 2,
-        atomic_lanes=T * k * Hp / 2))
+        "gemm2", _ours_code(mod, cfg), grid2,
+        live_ids=_live_3d(live_rows, -(-Hp // ix.block_rows(t2.tiles, t2.waves)), grid2),
+        trips=k_loop_trips(bm // ix.MFMA_M * t2.tiles * ix.k_split_steps(kst2, t2.k_splits)),
+        hbm_bytes=touched * w2_bytes + live_rows * bm * Ip * (a_bytes + 1 / 32) + 2 * T * Hp * 2,
+        atomic_lanes=splits * T * k * Hp / 2))
     out.append(glue("glue", T * (Hp + H) * 2, "XLA slice and cast of y"))
     return out
 

@@ -11,7 +11,7 @@ rows in bounds.
 
 import flydsl.expr as fx
 from flydsl._mlir import ir
-from flydsl._mlir.dialects import arith, llvm, rocdl, vector
+from flydsl._mlir.dialects import arith, llvm, rocdl, scf, vector
 from flydsl.expr import gpu
 
 WAVE = 64
@@ -41,6 +41,36 @@ def buffer(addr_i64, nbytes=None):
         raw(size),
         raw(fx.Int32(_BUFFER_FLAGS)),
     )
+
+
+def i32_buffer(addr_i64, nbytes=None, tile=4):
+    """A buffer-resource tensor of i32 over ``nbytes`` bytes at ``addr_i64``
+    (None: the largest range), divided into tiles of ``tile`` i32: the view
+    ``fx.copy`` atoms (buffer loads, the LDS DMA) take, indexed by tile."""
+    from flydsl._mlir.extras import types as T
+
+    size = fx.Int64(0xFFFFFFFF) if nbytes is None else fx.Int64(nbytes)
+    ptr_ty = fx.PointerType.get(T.i32(), address_space=fx.AddressSpace.Global, alignment=4 * tile)
+    view = fx.Tensor(fx.make_view(fx.inttoptr(ptr_ty, fx.Int64(addr_i64)), fx.make_layout(size // fx.Int64(4), 1)))
+    buf = fx.rocdl.make_buffer_tensor(view, max_size=False, num_records_bytes=size)
+    return fx.logical_divide(buf, fx.make_layout(tile, 1))
+
+
+def byte_buffer(addr_i64, nbytes=None):
+    """A buffer-resource tensor of bytes over ``nbytes`` bytes at ``addr_i64``
+    (None: the largest range): views of it at byte offsets (``at``) let a lane
+    offset in bytes feed a load as is (no shift to element units)."""
+    from flydsl._mlir.extras import types as T
+
+    size = fx.Int64(0xFFFFFFFF) if nbytes is None else fx.Int64(nbytes)
+    ptr_ty = fx.PointerType.get(T.i8(), address_space=fx.AddressSpace.Global, alignment=16)
+    view = fx.Tensor(fx.make_view(fx.inttoptr(ptr_ty, fx.Int64(addr_i64)), fx.make_layout(size, 1)))
+    return fx.rocdl.make_buffer_tensor(view, max_size=False, num_records_bytes=size)
+
+
+def at(buf, byte_offset, nbytes):
+    """The ``nbytes`` bytes of ``buf`` (a byte_buffer, or LDS bytes) from ``byte_offset`` on, as a view."""
+    return fx.make_view(fx.get_iter(buf) + byte_offset, fx.make_layout(nbytes, 1))
 
 
 def _vec_type(nbytes):
@@ -97,6 +127,41 @@ def vec_f32(elems):
     return vector.from_elements(ir.VectorType.get([len(elems)], f32), [raw(e) for e in elems])
 
 
+def opaque(x):
+    """``x`` (an i32 in a VGPR) through an empty asm statement: zero
+    instructions, but the compiler can no longer treat it as loop-invariant.
+    Used on lane offsets at the top of a loop body, so that ``offset + C``
+    stays next to its load and C lands in the instruction's immediate offset
+    field, instead of being hoisted into one more VGPR per distinct C."""
+    i32 = ir.IntegerType.get_signless(32)
+    return fx.Int32(llvm.inline_asm(i32, [raw(fx.Int32(x))], "", "=v,0", has_side_effects=False))
+
+
+def pin(x):
+    """``x`` (an f32 or i32 in a VGPR) through an empty asm statement with
+    side effects: zero instructions, but it is computed here, in program
+    order, and cannot be sunk into a later branch (the memory waits its
+    operands need are then issued here too)."""
+    t = raw(x).type
+    return type(x)(llvm.inline_asm(t, [raw(x)], "", "=v,0", has_side_effects=True))
+
+
+def if_else(cond, n, then_fn, else_fn):
+    """scf.if yielding the ``n`` i32 values each branch function returns (a list).
+
+    The DSL turns ``if`` into scf.if only inside kernel bodies; helpers in
+    other modules build it here."""
+    i32 = ir.IntegerType.get_signless(32)
+    op = scf.IfOp(raw(cond), [i32] * n, has_else=True)
+    for block, fn in ((op.then_block, then_fn), (op.else_block, else_fn)):
+        with ir.InsertionPoint(block):
+            vals = fn()
+            if len(vals) != n:
+                raise ValueError(f"if_else: a branch returned {len(vals)} values, expected {n}")
+            scf.YieldOp([raw(fx.Int32(v)) for v in vals])
+    return [fx.Int32(r) for r in op.results]
+
+
 def f32_bits(x):
     return fx.Float32(x).bitcast(fx.Int32)
 
@@ -144,6 +209,37 @@ def lds_store(ptr, idx, value):
     fx.ptr_store(value, ptr + fx.Int64(idx))
 
 
+def lds_load_f32(ptr, idx, n):
+    """``n`` consecutive f32 (one vector load) as a list."""
+    v = fx.ptr_load(ptr + fx.Int64(idx), result_type=fx.Vector.make_type(n, fx.Float32))
+    return [fx.Float32(v[i]) for i in range(n)]
+
+
+def _dpp(x, ctrl):
+    """llvm.amdgcn.update.dpp.i32 (a raw intrinsic: the layout API has no cross-lane operation)."""
+    i32 = ir.IntegerType.get_signless(32)
+    i1 = ir.IntegerType.get_signless(1)
+    xr = raw(fx.Int32(x))
+    args = [xr, xr, arith.constant(i32, ctrl), arith.constant(i32, 0xF), arith.constant(i32, 0xF),
+            arith.constant(i1, 1)]
+    return fx.Int32(llvm.call_intrinsic(i32, "llvm.amdgcn.update.dpp.i32", args, [], []))
+
+
+def quad_max_i32(x):
+    """Max of a non-negative i32 over the 4 lanes of each quad (two DPP quad_perm steps)."""
+    x = fx.Int32(x)
+    for ctrl in (0xB1, 0x4E):  # quad_perm [1,0,3,2], then [2,3,0,1]
+        y = _dpp(x, ctrl)
+        x = (x > y).select(x, y)
+    return x
+
+
+def lds_load_f32x2(ptr, idx):
+    """Two consecutive f32 (ds_read_b64) as a list."""
+    v = fx.ptr_load(ptr + fx.Int64(idx), result_type=fx.Vector.make_type(2, fx.Float32))
+    return [fx.Float32(v[0]), fx.Float32(v[1])]
+
+
 def atomic_add_bf16x2(addr_i64, lo_f32, hi_f32):
     """``global_atomic_pk_add_bf16``: add (lo, hi) rounded to bf16 at a 4-byte aligned address."""
     bf16 = ir.BF16Type.get()
@@ -180,19 +276,3 @@ def global_store_f32x2(addr_i64, lo_f32, hi_f32):
     """Plain 8-byte global store of two f32 at an 8-byte aligned address."""
     llvm.store(vec_f32([fx.Float32(lo_f32), fx.Float32(hi_f32)]), global_ptr(addr_i64), alignment=8)
 
-
-def gemm_block(num_valid, sorted_expert_ids, num_experts, block_m):
-    """A gemm program's coordinates: thread, lane, wave, its N tile and row
-    block (the grid is (n_tiles, row_blocks, k_splits) on both backends), its
-    first sorted row and expert id, and whether the row block is live (below
-    num_valid[0] and of a local expert: non-local blocks carry -1)."""
-    tid = fx.Int32(gpu.thread_idx.x)
-    lane = tid % WAVE
-    wave = tid // WAVE
-    n_tile = fx.Int32(gpu.block_idx.x)
-    row_block = fx.Int32(gpu.block_idx.y)
-    row0 = row_block * block_m
-    nv = load(buffer(num_valid, 8), 0, 4)
-    eid = load(buffer(sorted_expert_ids), row_block * 4, 4)
-    live = (row0 < nv) & (eid >= fx.Int32(0)) & (eid < fx.Int32(num_experts))
-    return tid, lane, wave, n_tile, row_block, row0, eid, live

@@ -1,8 +1,12 @@
 """Activation quantisation x[T, K] -> MXFP4 / MXFP8 (+ E8M0 scales), gfx950.
 
 One thread per 32-element block: it loads the block (bf16 or f32), applies
-the rule in ``mx.py`` and writes 16 (fp4) or 32 (fp8) bytes and one scale
-byte.  Rows are runtime (``rows``), K is static.
+the rule in ``mx.py`` (hardware conversions) and writes 16 (fp4) or 32 (fp8)
+bytes in row order and its scale byte where the GEMMs load it
+(``geometry.act_scale_offset``: a lane's scales of four K steps in one
+dword).  The thread of a row's last block also zeroes the row's unused scale
+bytes (steps past K in the last chunk), so the output holds no stale bytes.
+Rows are runtime (``rows``), K is static (a multiple of 128).
 """
 
 
@@ -26,8 +30,8 @@ def kernel_name(*, cols, fmt, in_dtype):
 
 
 def build(*, cols, fmt, in_dtype):
-    if cols % MX_BLOCK or cols <= 0:
-        raise ValueError(f"cols: must be a positive multiple of {MX_BLOCK}, got {cols}")
+    if cols % ix.MFMA_K or cols <= 0:
+        raise ValueError(f"cols: must be a positive multiple of {ix.MFMA_K}, got {cols}")
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {sorted(FORMATS)}, got {fmt!r}")
     if in_dtype not in IN_DTYPES:
@@ -36,6 +40,9 @@ def build(*, cols, fmt, in_dtype):
     kblocks = cols // MX_BLOCK
     in_bytes = IN_DTYPES[in_dtype]
     out_bytes = FORMATS[fmt]
+    srow = ix.act_scale_row_bytes(cols)
+    used = {ix.act_scale_offset(0, b, cols) for b in range(kblocks)}
+    unused = [o for o in range(srow) if o not in used]
 
     @flyc.kernel(name=name, known_block_size=[BLOCK, 1, 1])
     def quant_kernel(x: fx.Int64, q: fx.Int64, scale: fx.Int64, rows: fx.Int32):
@@ -44,6 +51,8 @@ def build(*, cols, fmt, in_dtype):
             xb = c.buffer(x)
             qb = c.buffer(q)
             sb = c.buffer(scale)
+            row = gid // kblocks
+            blk = gid % kblocks
             base = gid * (MX_BLOCK * in_bytes)
             vals = []
             for i in fx.range_constexpr(MX_BLOCK * in_bytes // 16):
@@ -57,7 +66,10 @@ def build(*, cols, fmt, in_dtype):
             byte, packed = quantize_block(vals, fmt)
             for i in fx.range_constexpr(out_bytes // 16):
                 c.store(qb, gid * out_bytes + i * 16, c.vec_i32(packed[4 * i : 4 * i + 4]), 16)
-            c.store(sb, gid, byte, 1)
+            c.store(sb, ix.act_scale_offset(row, blk, cols), byte, 1)
+            if blk == kblocks - 1:
+                for o in fx.range_constexpr(len(unused)):
+                    c.store(sb, row * srow + unused[o], fx.Int32(0), 1)
 
     @flyc.jit
     def launch(x: fx.Int64, q: fx.Int64, scale: fx.Int64, rows: fx.Int32, stream: fx.Stream = fx.Stream(None)):
