@@ -77,19 +77,30 @@ def sort_model(topk_ids, topk_weights, *, num_experts, block_m, expert_mask=None
                 counts[ch, key[l]] += size[l]
     count = counts.sum(axis=0)
 
-    # 2. offsets, local ids (lane 0, expert order)
+    # 2. offsets, local ids: lane l owns experts l*G .. l*G + G - 1; its
+    # padded rows (and active experts) go through an inclusive scan over the
+    # lanes (Hillis-Steele in LDS: step d adds the value 2**d lanes below)
+    G = -(-E // ix.WAVE)
+    eg = _LANES[:, None] * G + np.arange(G)[None, :]  # [lane, g]
+    ok = eg < E
+    cnt = np.where(ok, count[np.where(ok, eg, 0)], 0)
+    pads = (cnt + (BM - 1)) & -BM
+    acts = ok & mask[np.where(ok, eg, 0)] if mask is not None else ok
+    psum, asum = pads.sum(axis=1), acts.sum(axis=1)
+    incl, nincl = psum.copy(), asum.copy()
+    for d in range(ix.WAVE.bit_length() - 1):
+        has = _LANES >= (1 << d)
+        src = np.where(has, _LANES - (1 << d), _LANES)
+        incl, nincl = incl + np.where(has, incl[src], 0), nincl + np.where(has, nincl[src], 0)
     offset = np.zeros(E, np.int64)
     local = np.zeros(E, np.int64)
-    run = nlocal = 0
-    for e in range(E):
-        offset[e] = run
-        if mask is not None:
-            local[e] = nlocal if mask[e] else -1
-            nlocal += int(mask[e])
-        else:
-            local[e] = e
-        run += -(-count[e] // BM) * BM
-    total = run
+    run, nlocal = incl - psum, nincl - asum
+    for g in range(G):
+        e_g = eg[:, g][ok[:, g]]
+        offset[e_g] = run[ok[:, g]]
+        local[e_g] = (np.where(acts[:, g], nlocal, -1) if mask is not None else eg[:, g])[ok[:, g]]
+        run, nlocal = run + pads[:, g], nlocal + acts[:, g]
+    total = int(incl[ix.WAVE - 1])
 
     # 3. padding, block expert ids, tail
     sentinel = (K << 24) | T

@@ -655,7 +655,9 @@ def sort_trips(entries_per_wg: float, experts: int, block_m: int) -> TripFn:
     loads them: one 64-lane step per load; LLVM unrolls such a loop by U and
     follows it with a remainder loop of fewer loads, which runs the steps
     left over), over experts one at a time (a body of LDS work only: one
-    expert per trip) and over padding fills (stores only: about E*BM
+    expert per trip; no sort kernel has such a loop since phase 2 became a
+    scan over the lanes, and the serial loop it stood for was unrolled 4x by
+    LLVM, so it overcounted that loop 4x) and over padding fills (stores only: about E*BM
     padding slots, two stores each, shared among those loops by their store
     counts).  A heuristic: the trip counts of loops over
     data-dependent counts are not in the code object."""

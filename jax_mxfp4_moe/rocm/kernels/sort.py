@@ -8,7 +8,10 @@ lower lanes is a popcount and the order within an expert is the flat order.
 Phases:
 
 1. count entries per expert (the lowest lane of each key group adds the group);
-2. padded prefix offsets in expert order, local expert ids (mask), num_valid;
+2. padded prefix offsets in expert order, local expert ids (mask), num_valid:
+   lane l owns the ceil(E / 64) consecutive experts from l * ceil(E / 64),
+   and an inclusive scan over the 64 lanes in LDS (six steps) gives each
+   lane the start of its first expert (no serial loop over E);
 3. padding entries, per-block expert ids, and the unused tail;
 4. scatter each entry to cursor[e] + rank and advance cursor[e].
 
@@ -86,13 +89,17 @@ def build(*, num_experts, top_k, block_m, has_mask, stage="oneshot"):
     keys = _Keys(E, has_mask)
     e_steps = (E + BLOCK - 1) // BLOCK
     chunk_steps = CHUNK // BLOCK
+    G = e_steps  # phase 2: consecutive experts per lane
+    SCAN_STEPS = BLOCK.bit_length() - 1  # log2 of the lanes
+    BM_LOG = BM.bit_length() - 1  # BM is a power of two (BLOCK_SIZES)
 
     @fx.struct
     class Shared:
         count: fx.Array[fx.Int32, E, 16]
         offset: fx.Array[fx.Int32, E, 16]
         local: fx.Array[fx.Int32, E, 16]
-        total: fx.Array[fx.Int32, 4, 16]
+        scan: fx.Array[fx.Int32, BLOCK, 16]
+        nscan: fx.Array[fx.Int32, BLOCK, 16]
 
     def sizes(tokens):
         n = tokens * K
@@ -101,48 +108,86 @@ def build(*, num_experts, top_k, block_m, has_mask, stage="oneshot"):
 
     @flyc.jit
     def offsets_and_fills(lds, mask_b, sid_b, sw_b, se_b, nv_b, tokens, lane):
-        """Phases 2-3 from lds.count; leaves the start of each expert in lds.offset."""
-        count, offset, local, total_p = lds.count.ptr, lds.offset.ptr, lds.local.ptr, lds.total.ptr
+        """Phases 2-3 from lds.count; leaves the start of each expert in lds.offset.
+
+        Phase 2 in parallel: lane l owns the G consecutive experts l*G ..
+        l*G + G - 1; its padded rows (and, with a mask, its active experts) go
+        through an inclusive scan over the 64 lanes in LDS (Hillis-Steele,
+        six steps), so each lane's exclusive prefix starts its experts."""
+        count, offset, local = lds.count.ptr, lds.offset.ptr, lds.local.ptr
+        scan, nscan = lds.scan.ptr, lds.nscan.ptr
         n, P, nblocks, _ = sizes(tokens)
         sentinel = (K << TOKEN_BITS) | tokens
-        if lane == fx.Int32(0):
-            run = fx.Int32(0)
-            nlocal = fx.Int32(0)
-            for ex in range(E):
-                ei = fx.Int32(ex)
-                cnt = c.lds_load(count, ei)
-                c.lds_store(offset, ei, run)
+        pads = []
+        acts = []
+        psum = fx.Int32(0)
+        asum = fx.Int32(0)
+        for g in fx.range_constexpr(G):
+            eg = lane * G + g
+            ok = eg < fx.Int32(E)
+            cnt = ok.select(c.lds_load(count, ok.select(eg, fx.Int32(0))), fx.Int32(0))
+            padded_g = (cnt + fx.Int32(BM - 1)) & fx.Int32(-BM)
+            pads.append(padded_g)
+            psum = psum + padded_g
+            if has_mask:
+                m = c.load(mask_b, ok.select(eg, fx.Int32(0)) * 4, 4)
+                act = (ok & (m != fx.Int32(0))).select(fx.Int32(1), fx.Int32(0))
+                acts.append(act)
+                asum = asum + act
+        incl = psum
+        nincl = asum
+        c.lds_store(scan, lane, incl)
+        if has_mask:
+            c.lds_store(nscan, lane, nincl)
+        gpu.barrier()
+        for d in fx.range_constexpr(SCAN_STEPS):
+            has = lane >= fx.Int32(1 << d)
+            src = has.select(lane - fx.Int32(1 << d), lane)
+            incl = incl + has.select(c.lds_load(scan, src), fx.Int32(0))
+            if has_mask:
+                nincl = nincl + has.select(c.lds_load(nscan, src), fx.Int32(0))
+            gpu.barrier()
+            c.lds_store(scan, lane, incl)
+            if has_mask:
+                c.lds_store(nscan, lane, nincl)
+            gpu.barrier()
+        run = incl - psum
+        nlocal = nincl - asum
+        for g2 in fx.range_constexpr(G):
+            eg2 = lane * G + g2
+            if eg2 < fx.Int32(E):
+                c.lds_store(offset, eg2, run)
                 if has_mask:
-                    active = c.load(mask_b, ei * 4, 4) != fx.Int32(0)
-                    c.lds_store(local, ei, active.select(nlocal, fx.Int32(-1)))
-                    nlocal = nlocal + active.select(fx.Int32(1), fx.Int32(0))
+                    c.lds_store(local, eg2, (acts[g2] != fx.Int32(0)).select(nlocal, fx.Int32(-1)))
                 else:
-                    c.lds_store(local, ei, ei)
-                run = run + (cnt + (BM - 1)) // BM * BM
-            c.lds_store(total_p, fx.Int32(0), run)
-            c.store(nv_b, 0, run, 4)
+                    c.lds_store(local, eg2, eg2)
+            run = run + pads[g2]
+            if has_mask:
+                nlocal = nlocal + acts[g2]
+        total = c.lds_load(scan, fx.Int32(BLOCK - 1))
+        if lane == fx.Int32(0):
+            c.store(nv_b, 0, total, 4)
             c.store(nv_b, 4, tokens, 4)
         gpu.barrier()
-        total = c.lds_load(total_p, fx.Int32(0))
         for j in fx.range_constexpr(e_steps):
             e1 = lane + j * BLOCK
             if e1 < E:
                 cnt1 = c.lds_load(count, e1)
                 off1 = c.lds_load(offset, e1)
-                padded = (cnt1 + (BM - 1)) // BM * BM
+                padded = (cnt1 + fx.Int32(BM - 1)) & fx.Int32(-BM)
                 for p in range(padded - cnt1):
                     pos = off1 + cnt1 + p
                     c.store(sid_b, pos * 4, sentinel, 4)
                     c.store(sw_b, pos * 4, fx.Int32(0), 4)
                 lid = c.lds_load(local, e1)
-                for b in range(padded // BM):
-                    c.store(se_b, (off1 // BM + b) * 4, lid, 4)
+                for b in range(padded >> fx.Int32(BM_LOG)):
+                    c.store(se_b, ((off1 >> fx.Int32(BM_LOG)) + b) * 4, lid, 4)
         for it in range((P - total + (BLOCK - 1)) // BLOCK):
             pos2 = total + it * BLOCK + lane
             if pos2 < P:
                 c.store(sid_b, pos2 * 4, sentinel, 4)
                 c.store(sw_b, pos2 * 4, fx.Int32(0), 4)
-        used_blocks = total // BM
+        used_blocks = total >> fx.Int32(BM_LOG)
         for it2 in range((nblocks - used_blocks + (BLOCK - 1)) // BLOCK):
             b2 = used_blocks + it2 * BLOCK + lane
             if b2 < nblocks:
