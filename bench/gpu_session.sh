@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build, GPU tests, bench, sanitizer. Logs go to $OUT (the
 # device tool returns at most 8 files: run few steps per call).
-# usage: bench/gpu_session.sh STEP... (steps: build test test_all presets bench bench_full bench_mx
+# usage: bench/gpu_session.sh STEP... (steps: build test test_all bench_prefill grad_time presets bench bench_full bench_mx
 #   bench_oss bench_ds sweep trace breakdown host_profile sanitize ncu cache_out)
 # A code cache brought back by cache_out (.jmcache.tgz, carried) is unpacked first.
 set -u
@@ -34,6 +34,17 @@ for step in "$@"; do
         -k "not presets" > "$OUT/test.log" 2>&1
       echo "tests rc $?"; tail -15 "$OUT/test.log" | cut -c1-300
       wait $memcheck; echo "memcheck rc $?"; grep -E "rel err|ERROR SUMMARY|grad:" "$OUT/memcheck_grad.log" | tail -16
+      ;;
+    bench_prefill)  # the Gluon prefill path, both presets, per-kernel profile
+      timeout ${T_BENCH:-80} python3 -m jax_mxfp4_moe.tools.bench --preset gpt-oss-120b,deepseek-v3 \
+        --tokens ${TOKENS:-512,4096,16384} --quant a16w4 --baselines none --reps 3 --routings 1 \
+        --warmup 1 --profile --json "$OUT/bench_prefill.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/bench_prefill.log" | cut -c1-400
+      ;;
+    grad_time)  # forward against forward + backward (bench/grad_session.py), kernel profile
+      timeout ${T_TIME:-120} python3 bench/grad_session.py time --preset gpt-oss-120b \
+        --tokens ${TOKENS:-4096} --reps 10 --profile --hlo "$OUT/grad_hlo.txt" \
+        --json "$OUT/grad_time.json" 2>&1 | grep -v Warn | tee "$OUT/grad_time.log" | cut -c1-200
       ;;
     presets)  # one process: each preset's weights take up to 6 GB of the GPU (deepseek-v3)
       timeout ${T_PRESETS:-170} python3 -m pytest -q -rf -m gpu tests/test_cuda_gpu.py -k presets 2>&1 \
