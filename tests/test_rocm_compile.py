@@ -213,6 +213,23 @@ def test_mfma_share_of_the_k_loop_at_least_flydsls(module, quant):
     assert share >= FLYDSL_SHARE[(module, quant)], rep
 
 
+# FlyDSL's decode (BM = 16) gemm2 a4w4, same reading (bench/NOTES.md, issue 16).
+FLYDSL_DECODE_GEMM2_SHARE = 0.276
+
+
+def test_decode_gemm2_mfma_share_at_least_flydsls():
+    """gpt-oss-120b a4w4 T=1, the decode tile (BM = 16) with its K splits:
+    the steady K loop's MFMA share is at least FlyDSL's decode gemm2's."""
+    layer = spec.PRESETS["gpt-oss-120b"].replace(quant="a4w4")
+    t = rocm_config.tiles_for(layer, 1)
+    assert t.name == rocm_config.DECODE.name and t.bm == 16
+    v = rocm_config.variants(layer, tiles=t)["gemm2"]
+    co = rocm_compile.compile_kernel(v[0], arch="gfx950", **v[1])
+    rep = rocm_isa.report(rocm_isa.parse(co.isa))
+    assert rep["drain_waits"]["vmcnt0"] == 0
+    assert rep["mfma_share"] >= FLYDSL_DECODE_GEMM2_SHARE, rep
+
+
 @pytest.mark.skipif(not os.environ.get("JAX_MXFP4_MOE_FLYDSL_SNAPSHOT"),
                     reason="no FlyDSL snapshot ($JAX_MXFP4_MOE_FLYDSL_SNAPSHOT unset)")
 def test_flydsl_shares_are_those_of_the_snapshot():

@@ -196,8 +196,9 @@ def _tile_variants():
     for quant in ("a4w4", "a8w4"):
         for t in rocm_config.regimes(quant):
             out.append((quant, t))
-        out.append((quant, dataclasses.replace(rocm_config.DECODE, gemm2=dataclasses.replace(
-            rocm_config.DECODE.gemm2, k_splits=2), name="decode-ks2")))
+        for ks in (2, 3):
+            out.append((quant, dataclasses.replace(rocm_config.DECODE, gemm2=dataclasses.replace(
+                rocm_config.DECODE.gemm2, k_splits=ks), name=f"decode-ks{ks}")))
     return out
 
 

@@ -9,13 +9,15 @@ the ISA of these kernels, ``python -m jax_mxfp4_moe.tools.report --arch gfx950``
 no MI355X was available to measure):
 
 - Decode (a few rows per expert): the weights are read once, so the work
-  is a stream of 16-row x 128-K tiles (1 KB each).  One tile per wave and
-  two or four waves per block make enough blocks to cover every CU (gpt-oss
-  T=1: gemm1 368 blocks, gemm2 368), and each wave keeps 8 steps (8 KB) of
-  weights in flight.  gemm2 splits K when the blocks would still not fill
-  the CUs twice over (its atomics add the partial sums; not for the
-  deterministic variant).  Loads are non-temporal: no row block re-reads a
-  tile.
+  is a stream of 16-row x 128-K tiles (1 KB each).  gemm1: one tile per
+  wave, four waves per block (gpt-oss T=1: 368 blocks); gemm2: two tiles
+  per wave (each step's A operands feed two MFMAs; MFMA share of its K
+  loop 29% at gpt-oss T=1, 15% with one), four waves per block, and K
+  split when the blocks would still not fill the CUs twice over (gpt-oss
+  T=1: 3 splits, 276 blocks; its atomics add the partial sums; not for
+  the deterministic variant; its blocks need not divide H: columns past
+  Hp add nothing).  Each wave keeps 8 steps of weights in flight.
+  Loads are non-temporal: no row block re-reads a tile.
 - Mid (tens of rows per expert): BM = 32, four tiles per wave (8 MFMAs per
   step per B load set), prefetch 2 steps.
 - Prefill (T >= 512, or more rows per expert): BM = 64 (a8w4, whose A
@@ -75,7 +77,7 @@ class Tiles:
 
 
 # (name, bm, gemm1, gemm2) in order of size; ``choose`` takes the first that fits.
-DECODE = Tiles(16, GemmTile(1, 4, 8, True), GemmTile(1, 2, 8, True), "decode")
+DECODE = Tiles(16, GemmTile(1, 4, 8, True), GemmTile(2, 4, 8, True), "decode")
 MID = Tiles(32, GemmTile(4, 4, 2, False), GemmTile(4, 4, 2, False), "mid")
 PREFILL = Tiles(64, GemmTile(4, 4, 2, False), GemmTile(4, 8, 4, False), "prefill")
 PREFILL_A4W4 = Tiles(128, GemmTile(2, 8, 4, False), GemmTile(2, 4, 8, False), "prefill128")
@@ -117,7 +119,8 @@ def choose(*, tokens: int, top_k: int, num_experts: int, hidden: int, intermedia
 
 def gemm2_splits(t: Tiles, *, tokens, top_k, num_experts, hidden, intermediate, deterministic) -> int:
     """K splits of gemm2: enough that the expected live blocks cover the CUs
-    twice, each split keeping at least 8 steps; 1 when deterministic."""
+    twice, at most K / 7 of them (each split keeps about 7 steps or more:
+    gpt-oss-120b's 23 steps split 8 + 8 + 7); 1 when deterministic."""
     if deterministic or t.name != DECODE.name:
         return 1
     Hp, Ip = ix.padded_dims(hidden, intermediate)
@@ -126,7 +129,7 @@ def gemm2_splits(t: Tiles, *, tokens, top_k, num_experts, hidden, intermediate, 
     blocks = live_rows * -(-Hp // ix.block_rows(t.gemm2.tiles, t.gemm2.waves))
     kblocks = Ip // ix.MFMA_K
     want = -(-2 * NUM_CUS // max(blocks, 1))
-    return max(1, min(want, kblocks // 8, 4))
+    return max(1, min(want, kblocks // 7, 4))
 
 
 def tiles_for(layer: spec.LayerSpec, tokens: int, *, deterministic: bool = False) -> Tiles:
