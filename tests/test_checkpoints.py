@@ -182,37 +182,51 @@ def test_a_wrong_tensor_shape_names_the_tensor_and_file(tmp_path):
 
 
 # Peak host memory of one load, in a fresh process, for a layer of gpt-oss's
-# real H and I (16 experts; the example measures 128): the layer plus about
-# one expert.  The first load in a backend layout also pays XLA's compilation
-# of the per-expert re-layout (~0.2 GB, fixed), so those are measured on the
-# second load; the canonical layout needs no compilation and is measured on
-# the first.
+# real H and I (16 experts; the example measures 128), as a multiple of the
+# layer's canonical bytes.  The canonical layout is read in place (the layer
+# alone); a backend layout adds one staging expert and its re-layout program's
+# output (the layer in that layout + 2 experts).  The first load in a backend
+# layout also pays XLA's compilation of the re-layout (~0.2 GB, fixed), so
+# those are measured on the second load.  glibc's mmap threshold is pinned:
+# with its default (a threshold that rises after each large free), freed
+# experts linger in the heap and the same load measured 0.95-1.22x (sm90)
+# from run to run, which is the allocator's and not the loader's.
+_EXPERTS = 16
 _MEMORY_SCRIPT = """
 import gc, json, sys
 sys.path.insert(0, {examples!r})
+import jax
 import gpt_oss_moe as example
 out = {{}}
 for layout in ("canonical", "sm90", "gfx950"):
     ratios = []
     for _ in range(2):
         w, *_, peak = example.load_block({path!r}, 0, layout=layout, progress=False)
-        ratios.append(peak / example._canonical_bytes(w))
+        canonical = example._canonical_bytes(w)
+        ratios.append(peak / canonical)
+        size = sum(a.nbytes for a in jax.tree_util.tree_leaves(w.arrays())) / canonical
         del w
         gc.collect()
-    out[layout] = ratios
+    out[layout] = ratios + [size]
 print("MEMORY_JSON", json.dumps(out))
 """
 
 
-def test_loading_keeps_host_memory_to_the_layer_plus_about_one_expert(tmp_path):
+def test_loading_keeps_host_memory_to_the_layer_plus_about_two_experts(tmp_path):
     d = str(tmp_path / "ckpt")
-    write_gpt_oss(d, num_layers=1, num_experts=16, hidden=2880, intermediate=2880, shards=1)
+    write_gpt_oss(d, num_layers=1, num_experts=_EXPERTS, hidden=2880, intermediate=2880, shards=1)
     script = _MEMORY_SCRIPT.format(examples=os.path.join(ROOT, "examples"), path=d)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env=env)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     ratios = json.loads(line[0].split(" ", 1)[1])
     print(ratios)
-    assert ratios["canonical"][0] <= 1.15, ratios
-    for layout, (_, warm) in ratios.items():
-        assert warm <= 1.25, (layout, ratios)
+    expert = 1 / _EXPERTS
+    assert ratios["canonical"][0] <= 1 + expert, ratios
+    for layout in ("sm90", "gfx950"):
+        _, warm, size = ratios[layout]
+        assert size >= 1, (layout, ratios)  # tiles only pad
+        # the layer, 2 experts of transients (measured 2.2), one of slack
+        assert warm <= size + 3 * expert, (layout, ratios)

@@ -276,34 +276,35 @@ def from_gpt_oss(checkpoint, layer: int, *, layout: str = layouts.CANONICAL,
               "w2": names["down_proj_blocks"], "w2_scale": names["down_proj_scales"],
               "b1": names["gate_up_proj_bias"], "b2": names["down_proj_bias"]}
 
-    def read_expert(e, out=None):
-        """Expert e's canonical arrays ([1, ...]), read into ``out`` where given."""
-        got = {}
+    def read_expert(e, out, slot):
+        """Expert e's canonical arrays, read into ``out[name][slot]``."""
         for n, key in source.items():
             if n in ("b1", "b2"):
-                got[n] = ckpt.read(key, e).astype(np.float32)[None]
-                if out is not None:
-                    out[n][e] = got[n][0]
+                out[n][slot] = ckpt.read(key, e).astype(np.float32)
             else:
-                dst = None if out is None else out[n][e]
-                got[n] = ckpt.read(key, e, dst).reshape(1, *canon_shapes[n][0][1:])
-        return got
+                ckpt.read(key, e, out[n][slot])
+        return out
 
     from jax_mxfp4_moe.layer.weights import canonical_shapes
     canon_shapes = canonical_shapes(E, H, I)
     target = layouts.get(layout)
+    one_expert = {n: ((1, *s[1:]), np.float32 if d is None else d) for n, (s, d) in canon_shapes.items()}
     if layout == layouts.CANONICAL:
-        shapes = {n: ((E, *s[1:]), np.float32 if d is None else d) for n, (s, d) in canon_shapes.items()}
+        shapes = {n: ((E, *s[1:]), d) for n, (s, d) in one_expert.items()}
         pack = None
     else:
-        # one compiled program per layer shape: its temporaries are one
-        # expert's, freed when it returns
+        # One compiled program per layer shape, fed from one aligned staging
+        # expert that XLA:CPU takes without a copy: the load's transients are
+        # that expert and the program's output (the layer + ~2 experts; a
+        # fresh input per expert measured up to +4, tests/test_checkpoints.py).
         pack_one = jax.jit(lambda arrays: target.pack(arrays, num_experts=1, hidden=H, intermediate=I))
+        stage = {n: _aligned_empty(s, d) for n, (s, d) in one_expert.items()}
 
         def pack(arrays):
             return {n: np.asarray(a) for n, a in pack_one(arrays).items()}
-        first = pack(read_expert(0))
+        first = pack(read_expert(0, stage, 0))
         shapes = {n: ((E, *a.shape[1:]), a.dtype) for n, a in first.items()}
+        del first
     out = {n: _aligned_empty(s, d) for n, (s, d) in shapes.items()}
     total = sum(a.nbytes for a in out.values())
     report = _Progress(progress, layer, total, E)
@@ -311,12 +312,13 @@ def from_gpt_oss(checkpoint, layer: int, *, layout: str = layouts.CANONICAL,
     scale_max = 0
     for e in range(E):
         if pack is None:
-            got = read_expert(e, out)
+            read_expert(e, out, e)
+            scale_max = max(scale_max, int(out["w1_scale"][e].max()), int(out["w2_scale"][e].max()))
         else:
-            got = read_expert(e)
-            for n, a in pack(got).items():
+            read_expert(e, stage, 0)
+            scale_max = max(scale_max, int(stage["w1_scale"].max()), int(stage["w2_scale"].max()))
+            for n, a in pack(stage).items():
                 out[n][e] = a[0]
-        scale_max = max(scale_max, int(got["w1_scale"].max()), int(got["w2_scale"].max()))
         report(e + 1)
     arrays = {}
     for n in list(out):
